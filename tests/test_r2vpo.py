@@ -1,0 +1,478 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tensordict import TensorDict
+from tensordict.nn import (
+    CompositeDistribution,
+    NormalParamExtractor,
+    set_composite_lp_aggregate,
+    TensorDictModule,
+    TensorDictSequential,
+)
+from torch import nn
+from torchrl.modules import ProbabilisticActor, TanhNormal, ValueOperator
+from torchrl.modules.distributions import IndependentNormal
+from torchrl.objectives import ClipPPOLoss, PPOLoss
+from torchrl.objectives.value import GAE
+
+from torchrl_r2vpo import R2VPOLoss
+
+N_OBS, N_ACT = 4, 2
+
+
+def make_actor(n_obs=N_OBS, n_act=N_ACT, composite=False, seed=0):
+    torch.manual_seed(seed)
+    if not composite:
+        net = nn.Sequential(nn.Linear(n_obs, 2 * n_act), NormalParamExtractor())
+        module = TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"])
+        return ProbabilisticActor(
+            module,
+            in_keys=["loc", "scale"],
+            distribution_class=TanhNormal,
+            return_log_prob=True,
+        )
+    # two action heads, each a TanhNormal over n_act dims
+    heads = [
+        TensorDictModule(
+            nn.Sequential(nn.Linear(n_obs, 2 * n_act), NormalParamExtractor()),
+            in_keys=["observation"],
+            out_keys=[("params", name, "loc"), ("params", name, "scale")],
+        )
+        for name in ("action1", "action2")
+    ]
+    return ProbabilisticActor(
+        TensorDictSequential(*heads),
+        in_keys=["params"],
+        distribution_class=CompositeDistribution,
+        distribution_kwargs={
+            "distribution_map": {"action1": TanhNormal, "action2": TanhNormal},
+            "name_map": {name: ("action", name) for name in ("action1", "action2")},
+        },
+        return_log_prob=True,
+    )
+
+
+def make_critic(n_obs=N_OBS, seed=1):
+    torch.manual_seed(seed)
+    return ValueOperator(nn.Linear(n_obs, 1), in_keys=["observation"])
+
+
+def perturb_(module, scale=0.3, seed=2):
+    """Moves a policy away from the one that collected the data, so r != 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+
+
+def make_data(actor, batch=(64,), seed=3):
+    """Data collected by ``actor``: observations, sampled actions and their log-probs."""
+    torch.manual_seed(seed)
+    td = TensorDict({"observation": torch.randn(*batch, N_OBS)}, batch)
+    with torch.no_grad():
+        actor(td)
+    td.set("advantage", torch.randn(*batch, 1))
+    td.set("value_target", torch.randn(*batch, 1))
+    td.set(("next", "reward"), torch.randn(*batch, 1))
+    td.set(("next", "done"), torch.zeros(*batch, 1, dtype=torch.bool))
+    td.set(("next", "terminated"), torch.zeros(*batch, 1, dtype=torch.bool))
+    td.set(("next", "observation"), torch.randn(*batch, N_OBS))
+    return td
+
+
+def stale_setup():
+    """An actor, its data, and the actor moved away: the ratio varies."""
+    actor = make_actor()
+    data = make_data(actor)
+    perturb_(actor)
+    return actor, data
+
+
+def ratio_of(loss, data):
+    """The behaviour ratio the loss sees, recomputed independently."""
+    with torch.no_grad():
+        log_prob, _, _ = loss._get_cur_log_prob(data.clone(False))
+    return (log_prob - data["action_log_prob"]).exp()
+
+
+class LeafLogProb:
+    """Replaces the current log-prob by a leaf tensor, to read d loss / d log pi."""
+
+    def _get_cur_log_prob(self, tensordict, params=None):
+        log_prob, dist, is_composite = super()._get_cur_log_prob(tensordict, params)
+        self.leaf = log_prob.detach().requires_grad_(True)
+        return self.leaf, dist, is_composite
+
+
+class LeafR2VPOLoss(LeafLogProb, R2VPOLoss):
+    pass
+
+
+class LeafClipPPOLoss(LeafLogProb, ClipPPOLoss):
+    pass
+
+
+class TestIdentities:
+    @pytest.mark.parametrize("lam", [0.0, 0.7, 5.0])
+    def test_objective_is_ppo_unclipped_and_penalty_is_lambda_var(self, lam):
+        actor, data = stale_setup()
+        ppo = PPOLoss(actor, entropy_bonus=False)
+        r2 = R2VPOLoss(actor, entropy_bonus=False, lagrange_multiplier=lam)
+        out_ppo, out_r2 = ppo(data), r2(data)
+        torch.testing.assert_close(out_r2["loss_objective"], out_ppo["loss_objective"])
+        r = ratio_of(r2, data)
+        expected_var = ((r - r.mean()) ** 2).mean()
+        torch.testing.assert_close(out_r2["ratio_var"], expected_var)
+        torch.testing.assert_close(out_r2["loss_ratio_var"], lam * expected_var)
+        assert out_r2["ratio_var"] > 1e-3  # the penalty is exercised, not inert
+        total = out_r2["loss_objective"] + out_r2["loss_ratio_var"]
+        torch.testing.assert_close(total, out_ppo["loss_objective"] + lam * expected_var)
+
+    def test_variance_center_one_is_second_moment_about_one(self):
+        actor, data = stale_setup()
+        loss = R2VPOLoss(actor, entropy_bonus=False, variance_center="one")
+        out = loss(data)
+        r = ratio_of(loss, data)
+        torch.testing.assert_close(out["ratio_var"], ((r - 1) ** 2).mean())
+        torch.testing.assert_close(out["mean_ratio"], r.mean())
+
+    def test_diagnostics(self):
+        actor, data = stale_setup()
+        loss = R2VPOLoss(actor, entropy_bonus=False, diagnostic_clip_epsilon=0.2)
+        out = loss(data)
+        r = ratio_of(loss, data)
+        torch.testing.assert_close(out["ESS"], r.mean() ** 2 / (r**2).mean())
+        torch.testing.assert_close(
+            out["clip_fraction"], ((r < 0.8) | (r > 1.2)).float().mean()
+        )
+        torch.testing.assert_close(out["max_ratio"], r.max())
+        torch.testing.assert_close(out["lagrange_multiplier"], loss.lagrange_multiplier)
+        for key in ("ratio_var", "ESS", "kl_approx", "lagrange_multiplier"):
+            assert not out[key].requires_grad
+
+    def test_gae_through_make_value_estimator(self):
+        actor, data = stale_setup()
+        critic = make_critic()
+        loss = R2VPOLoss(actor, critic, lagrange_multiplier=1.0)
+        loss.make_value_estimator(gamma=0.9, lmbda=0.8)
+        without_adv = data.exclude("advantage", "value_target")
+        out = loss(without_adv)
+        gae = GAE(gamma=0.9, lmbda=0.8, value_network=critic)
+        with torch.no_grad():
+            precomputed = gae(without_adv.clone())
+        torch.testing.assert_close(out["loss_objective"], loss(precomputed)["loss_objective"])
+
+    def test_kl_target_sets_twice_the_budget(self):
+        loss = R2VPOLoss(make_actor(), kl_target=0.015)
+        torch.testing.assert_close(loss.ratio_var_target, torch.tensor(0.03))
+
+
+class TestGradient:
+    @pytest.mark.parametrize("center", ["mean", "one"])
+    @pytest.mark.parametrize("lam", [0.0, 0.5, 3.0])
+    def test_effective_advantage_form(self, lam, center):
+        actor, data = stale_setup()
+        loss = LeafR2VPOLoss(
+            actor, entropy_bonus=False, lagrange_multiplier=lam, variance_center=center
+        )
+        out = loss(data)
+        (out["loss_objective"] + out["loss_ratio_var"]).backward()
+        r = (loss.leaf.detach() - data["action_log_prob"]).exp()
+        adv = data["advantage"].squeeze(-1)
+        rbar = r.mean() if center == "mean" else 1.0
+        expected = -(r / r.numel()) * (adv - 2 * lam * (r - rbar))
+        torch.testing.assert_close(loss.leaf.grad, expected)
+
+    def _grads_for_ratios(self, loss_cls, ratios, advantage, **kwargs):
+        actor = make_actor()
+        data = make_data(actor, batch=(len(ratios),))
+        # store the behaviour log-prob that yields exactly the requested ratios
+        with torch.no_grad():
+            current, _, _ = ClipPPOLoss(actor)._get_cur_log_prob(data.clone(False))
+        data["action_log_prob"] = current - torch.log(torch.tensor(ratios))
+        data["advantage"] = torch.tensor(advantage).unsqueeze(-1)
+        loss = loss_cls(actor, entropy_bonus=False, **kwargs)
+        out = loss(data)
+        sum(v for k, v in out.items() if k.startswith("loss_")).backward()
+        return loss.leaf.grad
+
+    def test_soft_brake_where_clip_has_zero_gradient(self):
+        # sample 0: ratio far above the clip band with a positive advantage
+        ratios, adv = [1.0, 1.0, 1.0, 1.5], [0.0, 0.0, 0.0, 1.0]
+        clip = self._grads_for_ratios(LeafClipPPOLoss, ratios, adv, clip_epsilon=0.2)
+        assert clip[3] == 0
+        lam = 0.1  # r - rbar = 0.375 < A / (2 lambda) = 5: still pushed up
+        r2 = self._grads_for_ratios(LeafR2VPOLoss, ratios, adv, lagrange_multiplier=lam)
+        assert r2[3] < 0  # minimising: a negative gradient raises log pi
+
+    @pytest.mark.parametrize("offset, sign", [(-0.05, -1), (0.05, 1)])
+    def test_push_reverses_past_a_over_two_lambda(self, offset, sign):
+        lam, adv_i, others = 2.0, 1.0, [1.0] * 7
+        # r_i - rbar = A / (2 lambda) = 0.25 with rbar = (7 + r_i) / 8
+        r_threshold = (0.25 + 7 / 8) / (7 / 8)
+        ratios = others + [r_threshold + offset]
+        grad = self._grads_for_ratios(
+            LeafR2VPOLoss, ratios, [0.0] * 7 + [adv_i], lagrange_multiplier=lam
+        )
+        assert math.copysign(1, grad[-1].item()) == sign
+
+
+def _constant_policy(distribution_class, **params):
+    """A policy whose distribution parameters are free tensors (no observation input)."""
+
+    class Constant(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.params = nn.ParameterDict({k: nn.Parameter(v) for k, v in params.items()})
+
+        def forward(self, observation):
+            batch = observation.shape[:-1]
+            return tuple(p.expand(*batch, *p.shape) for p in self.params.values())
+
+    module = TensorDictModule(Constant(), in_keys=["observation"], out_keys=list(params))
+    return ProbabilisticActor(
+        module,
+        in_keys=list(params),
+        distribution_class=distribution_class,
+        return_log_prob=True,
+    )
+
+
+class TestTrustRegionLink:
+    """ratio_var / 2 approaches both KL directions as the policy step shrinks."""
+
+    STEPS = (0.4, 0.2, 0.1, 0.05, 0.025)
+
+    def _relative_errors(self, make_step):
+        errors = []
+        for t in self.STEPS:
+            loss, data, kl_fwd, kl_rev = make_step(t)
+            half_var = loss(data)["ratio_var"] / 2
+            errors.append(max(abs(half_var - kl) / kl for kl in (kl_fwd, kl_rev)).item())
+        return errors
+
+    def _check(self, errors):
+        assert all(b < a for a, b in zip(errors, errors[1:])), errors
+        assert errors[-1] < 0.1 and errors[-1] < errors[0] / 4, errors
+
+    def test_gaussian(self):
+        n = 20_000
+        # quantiles of N(0, 1): a deterministic, near-exact expectation under pi_b
+        u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        x = torch.distributions.Normal(0.0, 1.0).icdf(u).unsqueeze(-1)
+
+        def make_step(t):
+            loc, scale = torch.tensor([t], dtype=torch.float64), torch.tensor([1 + t / 2], dtype=torch.float64)
+            actor = _constant_policy(IndependentNormal, loc=loc, scale=scale)
+            behaviour = IndependentNormal(torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64))
+            data = TensorDict(
+                {
+                    "observation": torch.zeros(n, 1, dtype=torch.float64),
+                    "action": x,
+                    "action_log_prob": behaviour.log_prob(x),
+                    "advantage": torch.zeros(n, 1, dtype=torch.float64),
+                },
+                [n],
+            )
+            current = IndependentNormal(loc, scale)
+            kl_fwd = torch.distributions.kl_divergence(behaviour, current)
+            kl_rev = torch.distributions.kl_divergence(current, behaviour)
+            loss = R2VPOLoss(actor, entropy_bonus=False).double()
+            return loss, data, kl_fwd, kl_rev
+
+        self._check(self._relative_errors(make_step))
+
+    def test_categorical(self):
+        probs_b = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+        # each action repeated in proportion to pi_b: the batch mean is E_b exactly
+        actions = torch.repeat_interleave(torch.arange(4), torch.tensor([1, 2, 3, 4]))
+        direction = torch.tensor([1.0, -0.5, 0.3, -0.8], dtype=torch.float64)
+
+        def make_step(t):
+            logits = probs_b.log() + t * direction
+            actor = _constant_policy(torch.distributions.Categorical, logits=logits)
+            behaviour = torch.distributions.Categorical(probs=probs_b)
+            current = torch.distributions.Categorical(logits=logits)
+            data = TensorDict(
+                {
+                    "observation": torch.zeros(10, 1, dtype=torch.float64),
+                    "action": actions,
+                    "action_log_prob": behaviour.log_prob(actions),
+                    "advantage": torch.zeros(10, 1, dtype=torch.float64),
+                },
+                [10],
+            )
+            kl_fwd = torch.distributions.kl_divergence(behaviour, current)
+            kl_rev = torch.distributions.kl_divergence(current, behaviour)
+            loss = R2VPOLoss(actor, entropy_bonus=False).double()
+            return loss, data, kl_fwd, kl_rev
+
+        self._check(self._relative_errors(make_step))
+
+
+class TestTorchRLConventions:
+    def test_set_keys_routes_every_input(self):
+        actor, data = stale_setup()
+        expected = R2VPOLoss(actor, entropy_bonus=False)(data)
+        renamed = data.rename_key_("advantage", "adv").rename_key_("action_log_prob", "old_lp")
+        loss = R2VPOLoss(actor, entropy_bonus=False)
+        loss.set_keys(advantage="adv", sample_log_prob="old_lp")
+        assert "old_lp" in loss.in_keys
+        out = loss(renamed)
+        for key in ("loss_objective", "loss_ratio_var", "ratio_var"):
+            torch.testing.assert_close(out[key], expected[key])
+
+    def test_unknown_key_raises(self):
+        with pytest.raises(ValueError, match="not an accepted tensordict key"):
+            R2VPOLoss(make_actor()).set_keys(not_a_key="x")
+
+    @pytest.mark.parametrize("reduction, shape", [("none", (64,)), ("mean", ()), ("sum", ())])
+    def test_reduction_shapes(self, reduction, shape):
+        actor, data = stale_setup()
+        out = R2VPOLoss(actor, make_critic(), reduction=reduction)(data)
+        for key in ("loss_objective", "loss_ratio_var", "loss_entropy", "loss_critic"):
+            assert out[key].shape == torch.Size(shape), key
+        if reduction == "sum":
+            mean = R2VPOLoss(actor, make_critic(), reduction="mean")(data)
+            torch.testing.assert_close(out["loss_ratio_var"], 64 * mean["loss_ratio_var"])
+
+    def test_state_dict_round_trip_and_to(self):
+        loss = R2VPOLoss(make_actor(), make_critic(), lagrange_multiplier=1.5, ratio_var_target=0.03)
+        loss.lagrange_multiplier = 4.25  # e.g. after dual ascent
+        state = loss.state_dict()
+        assert "lagrange_multiplier" in state and "ratio_var_target" in state
+        assert "last_ratio_var" not in state
+        other = R2VPOLoss(make_actor(), make_critic())
+        other.load_state_dict(state)
+        assert other.lagrange_multiplier.item() == 4.25
+        torch.testing.assert_close(other.ratio_var_target, torch.tensor(0.03))
+        other = other.double()
+        assert other.lagrange_multiplier.dtype == torch.float64
+        other.reset()
+        assert other.lagrange_multiplier.item() == 2.5  # its own initial value
+
+    def test_forward_is_pure(self):
+        actor, data = stale_setup()
+        loss = R2VPOLoss(actor, lagrange_multiplier=1.0)
+        first = loss(data)
+        second = loss(data)
+        assert loss.lagrange_multiplier.item() == 1.0
+        torch.testing.assert_close(first["loss_objective"], second["loss_objective"])
+        torch.testing.assert_close(loss.last_ratio_var, first["ratio_var"])
+
+    def test_gradients_reach_the_right_networks(self):
+        actor, data = stale_setup()
+        critic = make_critic()
+        loss = R2VPOLoss(actor, critic, lagrange_multiplier=1.0)
+        out = loss(data)
+        actor_params = {n for n, _ in loss.named_parameters() if "actor" in n}
+        critic_params = {n for n, _ in loss.named_parameters() if "critic" in n}
+        assert actor_params and critic_params
+        for key, reached, untouched in [
+            ("loss_objective", actor_params, critic_params),
+            ("loss_ratio_var", actor_params, critic_params),
+            ("loss_critic", critic_params, actor_params),
+        ]:
+            loss.zero_grad(set_to_none=True)
+            out[key].backward(retain_graph=True)
+            grads = {n: p.grad for n, p in loss.named_parameters()}
+            assert all(grads[n] is not None and grads[n].abs().sum() > 0 for n in reached), key
+            assert all(grads[n] is None or grads[n].abs().sum() == 0 for n in untouched), key
+
+    def test_composite_action_distribution(self):
+        with set_composite_lp_aggregate(False):
+            actor = make_actor(composite=True)
+            data = make_data(actor)
+            perturb_(actor)
+            loss = LeafR2VPOLoss(actor, entropy_bonus=False, lagrange_multiplier=1.0)
+            lp_keys = [("action", "action1_log_prob"), ("action", "action2_log_prob")]
+            assert loss.tensor_keys.sample_log_prob == lp_keys
+            out = loss(data)
+        # the joint ratio: the product of the heads' ratios
+        r = sum(loss.leaf[k].detach() - data[k] for k in lp_keys).exp()
+        torch.testing.assert_close(out["ratio_var"], ((r - r.mean()) ** 2).mean())
+        assert out["ratio_var"] > 1e-3
+
+    def test_collector_mask_excludes_padding(self):
+        actor = make_actor()
+        data = make_data(actor, batch=(4, 16))
+        perturb_(actor)
+        mask = torch.rand(4, 16, generator=torch.Generator().manual_seed(0)) > 0.3
+        data.set(("collector", "mask"), mask)
+        # padding may hold garbage, including non-finite values
+        data["action_log_prob"] = torch.where(mask, data["action_log_prob"], float("nan"))
+        data["advantage"] = torch.where(mask.unsqueeze(-1), data["advantage"], float("inf"))
+        loss = R2VPOLoss(actor, make_critic(), lagrange_multiplier=1.0)
+        out = loss(data)
+        valid = loss(data[mask].exclude("collector"))
+        for key in ("loss_objective", "loss_ratio_var", "ratio_var", "ESS", "kl_approx", "mean_ratio"):
+            torch.testing.assert_close(out[key], valid[key])
+            assert torch.isfinite(out[key])
+
+    def test_precomputed_advantage_without_critic(self):
+        actor, data = stale_setup()
+        out = R2VPOLoss(actor)(data)
+        assert "loss_critic" not in out.keys()
+        with pytest.raises(KeyError, match="'advantage'.*no critic"):
+            R2VPOLoss(actor)(data.exclude("advantage"))
+
+
+class TestBadInput:
+    def test_nan_advantage_names_the_key(self):
+        actor, data = stale_setup()
+        data["advantage"][3] = float("nan")
+        with pytest.raises(ValueError, match="advantage.*'advantage'"):
+            R2VPOLoss(actor)(data)
+
+    def test_inf_behaviour_log_prob_names_the_key(self):
+        actor, data = stale_setup()
+        data["action_log_prob"][0] = float("-inf")
+        with pytest.raises(ValueError, match="'action_log_prob'"):
+            R2VPOLoss(actor)(data)
+
+    def test_diverged_policy_is_reported(self):
+        actor, data = stale_setup()
+        with torch.no_grad():
+            next(actor.parameters()).fill_(float("nan"))
+        with pytest.raises(ValueError, match="current policy's log-probability"):
+            R2VPOLoss(actor)(data)
+
+    def test_missing_key_names_it(self):
+        actor, data = stale_setup()
+        with pytest.raises(KeyError, match="action_log_prob"):
+            R2VPOLoss(actor)(data.exclude("action_log_prob"))
+
+    @pytest.mark.parametrize(
+        "kwargs, name",
+        [
+            ({"lagrange_multiplier": -1.0}, "lagrange_multiplier"),
+            ({"ratio_var_target": -0.1}, "ratio_var_target"),
+            ({"ratio_var_target": float("nan")}, "ratio_var_target"),
+            ({"kl_target": -0.1}, "kl_target"),
+            ({"ratio_var_target": 0.1, "kl_target": 0.05}, "kl_target"),
+            ({"variance_center": "median"}, "variance_center"),
+            ({"diagnostic_clip_epsilon": 1.5}, "diagnostic_clip_epsilon"),
+        ],
+    )
+    def test_invalid_hyperparameters(self, kwargs, name):
+        with pytest.raises(ValueError, match=name):
+            R2VPOLoss(make_actor(), **kwargs)
+
+    def test_negative_multiplier_assignment_raises(self):
+        loss = R2VPOLoss(make_actor())
+        with pytest.raises(ValueError, match="lagrange_multiplier"):
+            loss.lagrange_multiplier = -0.5
+        assert loss.lagrange_multiplier.item() == 2.5
+
+    def test_check_finite_can_be_disabled(self):
+        actor, data = stale_setup()
+        data["advantage"][3] = float("nan")
+        out = R2VPOLoss(actor, check_finite=False)(data)
+        assert torch.isnan(out["loss_objective"])
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])

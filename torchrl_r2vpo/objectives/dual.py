@@ -1,0 +1,334 @@
+"""The dual update of R2VPO's Lagrange multiplier, and its TorchRL Trainer hook."""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Any, Literal
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torchrl.objectives import LossModule
+from torchrl.trainers import Trainer, TrainerHookBase
+
+__all__ = ["DualVariableScheduler", "DualVariableSchedulerHook"]
+
+
+class DualVariableScheduler:
+    r"""Projected dual ascent on a loss's Lagrange multiplier.
+
+    After each optimiser step (or each collected batch), with the measured ratio
+    variance ``V`` and the target ``delta`` (the loss's ``ratio_var_target``):
+
+    .. code-block:: text
+
+        e_t    = V_t - delta
+        lambda <- clip(lambda + lr * e_t + proportional_gain * (e_t - e_{t-1}), min_value, max_value)
+
+    With ``proportional_gain=0`` (the default) this is plain projected dual
+    ascent, ``lambda <- clip(lambda + lr * (V - delta), 0, lambda_max)``. A
+    positive ``proportional_gain`` gives the velocity form of a PI controller
+    (Stooke et al., "Responsive Safety in Reinforcement Learning by PID
+    Lagrangian Methods", ICML 2020): ``lr`` is the integral gain, and the extra
+    term reacts to the *change* of the violation, which damps the oscillation of
+    plain dual ascent when the statistic responds to ``lambda`` with a lag.
+    Because it acts on ``lambda`` itself, the projection also bounds the
+    integral (no wind-up). ``lr=0`` and ``proportional_gain=0`` keep ``lambda``
+    fixed: the paper's setting for continuous control.
+
+    The loss owns ``lambda`` (a buffer, saved in its ``state_dict``); the
+    scheduler owns the rule and its own small state (the previous violation
+    and counters), saved by :meth:`state_dict`.
+
+    A non-finite statistic leaves ``lambda`` unchanged, is counted in
+    ``num_skipped`` and is reported with a :class:`RuntimeWarning`. In fixed
+    mode the statistic is recorded and ``lambda`` is never touched.
+
+    Args:
+        loss_module (LossModule): the loss holding the multiplier buffer, e.g.
+            :class:`~torchrl_r2vpo.R2VPOLoss`.
+
+    Keyword Args:
+        lr (float, optional): the dual step size ``eta`` (integral gain). ``0``
+            gives a fixed multiplier. Defaults to ``1.0``.
+        proportional_gain (float, optional): the damping gain of the PI variant.
+            Defaults to ``0.0``.
+        target (float, optional): the target ``delta``. Defaults to ``None``:
+            read the loss's ``ratio_var_target`` at each step, so scheduling it
+            on the loss is honoured.
+        min_value (float, optional): lower projection bound. Defaults to ``0.0``.
+        max_value (float, optional): upper projection bound ``lambda_max``.
+            Stale replayed data can hold the variance above any reachable
+            target, in which case plain ascent grows ``lambda`` without bound;
+            set this in such settings. Defaults to ``None`` (no bound).
+        multiplier_name (str, optional): the buffer name on the loss. Defaults
+            to ``"lagrange_multiplier"``.
+        target_name (str, optional): the loss attribute holding ``delta``.
+            Defaults to ``"ratio_var_target"``.
+        statistic_key (NestedKey, optional): the entry read when :meth:`step`
+            receives the loss's output TensorDict. Defaults to ``"ratio_var"``.
+        last_statistic_name (str, optional): the loss attribute read when
+            :meth:`step` receives nothing. Defaults to ``"last_ratio_var"``.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict.nn import NormalParamExtractor, TensorDictModule
+        >>> from torchrl.modules import ProbabilisticActor, TanhNormal
+        >>> from torchrl_r2vpo import DualVariableScheduler, R2VPOLoss
+        >>> actor = ProbabilisticActor(
+        ...     TensorDictModule(
+        ...         torch.nn.Sequential(torch.nn.Linear(3, 4), NormalParamExtractor()),
+        ...         in_keys=["observation"], out_keys=["loc", "scale"]),
+        ...     in_keys=["loc", "scale"], distribution_class=TanhNormal, return_log_prob=True)
+        >>> loss = R2VPOLoss(actor, ratio_var_target=0.02, lagrange_multiplier=1.0)
+        >>> scheduler = DualVariableScheduler(loss, lr=10.0, max_value=100.0)
+        >>> scheduler.step(torch.tensor(0.05))  # above target: lambda rises by 10 * 0.03
+        tensor(1.3000)
+        >>> scheduler.step(torch.tensor(0.0))  # below target: lambda falls by 10 * 0.02
+        tensor(1.1000)
+    """
+
+    def __init__(
+        self,
+        loss_module: LossModule,
+        *,
+        lr: float = 1.0,
+        proportional_gain: float = 0.0,
+        target: float | None = None,
+        min_value: float = 0.0,
+        max_value: float | None = None,
+        multiplier_name: str = "lagrange_multiplier",
+        target_name: str = "ratio_var_target",
+        statistic_key: NestedKey = "ratio_var",
+        last_statistic_name: str = "last_ratio_var",
+    ) -> None:
+        multiplier = getattr(loss_module, multiplier_name, None)
+        if not isinstance(multiplier, torch.Tensor):
+            raise AttributeError(
+                f"{type(loss_module).__name__} has no tensor attribute "
+                f"{multiplier_name!r} to schedule (multiplier_name)."
+            )
+        for name, value in (("lr", lr), ("proportional_gain", proportional_gain)):
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
+        if not (min_value >= 0 and math.isfinite(min_value)):
+            raise ValueError(f"min_value must be a finite number >= 0, got {min_value}.")
+        if max_value is not None and not max_value >= min_value:
+            raise ValueError(
+                f"max_value ({max_value}) must be >= min_value ({min_value})."
+            )
+        if target is None and not isinstance(
+            getattr(loss_module, target_name, None), torch.Tensor
+        ):
+            raise AttributeError(
+                f"{type(loss_module).__name__} has no attribute {target_name!r}: "
+                "pass target= explicitly."
+            )
+        if target is not None and not (target >= 0 and math.isfinite(target)):
+            raise ValueError(f"target must be a finite number >= 0, got {target}.")
+        self.loss_module = loss_module
+        self.lr = lr
+        self.proportional_gain = proportional_gain
+        self.target = target
+        self.min_value = min_value
+        self.max_value = max_value
+        self.multiplier_name = multiplier_name
+        self.target_name = target_name
+        self.statistic_key = statistic_key
+        self.last_statistic_name = last_statistic_name
+        self._init_multiplier = multiplier.detach().clone()
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        self.num_steps = 0
+        self.num_skipped = 0
+        self.last_statistic: float | None = None
+        self._last_violation: float | None = None
+
+    @property
+    def multiplier(self) -> torch.Tensor:
+        """The loss's multiplier buffer (updated in place)."""
+        return getattr(self.loss_module, self.multiplier_name)
+
+    @property
+    def fixed(self) -> bool:
+        """Whether this scheduler never moves the multiplier."""
+        return self.lr == 0 and self.proportional_gain == 0
+
+    def _current_target(self) -> float:
+        if self.target is not None:
+            return self.target
+        return float(getattr(self.loss_module, self.target_name))
+
+    def _read_statistic(
+        self, statistic: float | torch.Tensor | TensorDictBase | None
+    ) -> float:
+        if statistic is None:
+            statistic = getattr(self.loss_module, self.last_statistic_name, None)
+            if statistic is None:
+                raise AttributeError(
+                    f"{type(self.loss_module).__name__} records no "
+                    f"{self.last_statistic_name!r}: pass the statistic to step()."
+                )
+        elif isinstance(statistic, TensorDictBase):
+            value = statistic.get(self.statistic_key, None)
+            if value is None:
+                raise KeyError(
+                    f"The TensorDict passed to step() has no {self.statistic_key!r} "
+                    f"entry; it has {sorted(map(str, statistic.keys(True, True)))}."
+                )
+            statistic = value
+        if isinstance(statistic, torch.Tensor):
+            if statistic.numel() != 1:
+                raise ValueError(
+                    "The statistic must be a scalar, got a tensor of shape "
+                    f"{tuple(statistic.shape)}."
+                )
+            statistic = statistic.detach().float().cpu().item()
+        return float(statistic)
+
+    def step(
+        self, statistic: float | torch.Tensor | TensorDictBase | None = None
+    ) -> torch.Tensor:
+        """Updates the multiplier from one measurement of the ratio variance.
+
+        Args:
+            statistic (float, Tensor or TensorDictBase, optional): the measured
+                ratio variance, or the loss output holding it under
+                ``statistic_key``. ``None`` reads the last value the loss
+                recorded (``loss.last_ratio_var``).
+
+        Returns:
+            A detached copy of the multiplier after the update.
+        """
+        value = self._read_statistic(statistic)
+        violation = value - self._current_target()
+        previous = violation if self._last_violation is None else self._last_violation
+        delta = self.lr * violation
+        if self.proportional_gain:
+            delta += self.proportional_gain * (violation - previous)
+        # a non-finite statistic, or inf - inf from overflowing ones
+        if not math.isfinite(value) or math.isnan(delta):
+            self.num_skipped += 1
+            warnings.warn(
+                f"DualVariableScheduler: non-finite ratio statistic or update "
+                f"(statistic {value}); {self.multiplier_name} left at "
+                f"{float(self.multiplier):.6g} ({self.num_skipped} skipped step(s) so "
+                "far). A NaN before the loss's first forward call is expected.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.multiplier.detach().clone()
+        if not self.fixed:
+            # an infinite delta saturates at the bounds; without max_value, at
+            # the largest finite value of the buffer's dtype
+            upper = self.max_value
+            if upper is None:
+                upper = torch.finfo(self.multiplier.dtype).max
+            with torch.no_grad():
+                self.multiplier.add_(delta).clamp_(self.min_value, upper)
+        self.num_steps += 1
+        self.last_statistic = value
+        self._last_violation = violation
+        return self.multiplier.detach().clone()
+
+    def reset(self) -> None:
+        """Restores the multiplier the loss had when the scheduler was built."""
+        with torch.no_grad():
+            self.multiplier.copy_(self._init_multiplier)
+        self._reset_counters()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The scheduler's own state; the multiplier is in the loss's ``state_dict``."""
+        return {
+            "num_steps": self.num_steps,
+            "num_skipped": self.num_skipped,
+            "last_statistic": self.last_statistic,
+            "last_violation": self._last_violation,
+            "init_multiplier": self._init_multiplier.clone(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_steps = int(state_dict["num_steps"])
+        self.num_skipped = int(state_dict["num_skipped"])
+        self.last_statistic = state_dict["last_statistic"]
+        self._last_violation = state_dict["last_violation"]
+        self._init_multiplier = torch.as_tensor(state_dict["init_multiplier"]).clone()
+
+
+class DualVariableSchedulerHook(TrainerHookBase):
+    """Steps a :class:`DualVariableScheduler` inside a :class:`~torchrl.trainers.Trainer`.
+
+    Args:
+        scheduler (DualVariableScheduler): the scheduler to step.
+        interval (str, optional): ``"batch"`` steps once per collected batch, at
+            the ``post_optim_complete_log`` stage, from the ``ratio_var`` the
+            trainer averaged over the batch's last epoch (the policy furthest
+            from the behaviour policy).
+            ``"optim"`` steps after every optimisation step (``post_optim``),
+            from the statistic the loss recorded for that step. Defaults to
+            ``"batch"``.
+
+    The trainer already logs the loss's ``ratio_var`` and ``lagrange_multiplier``
+    diagnostics (the multiplier each batch ran with), so the hook logs nothing.
+    Registered with :meth:`register`, the hook is part of the trainer's
+    ``state_dict`` and checkpoints; the multiplier itself is saved with the
+    loss module. Like :class:`~torchrl.trainers.LRSchedulerHook`, it skips a
+    call when no optimisation step has run since the previous one.
+
+    Examples:
+        >>> from torchrl_r2vpo import DualVariableScheduler, DualVariableSchedulerHook
+        >>> hook = DualVariableSchedulerHook(DualVariableScheduler(loss, lr=1.0))  # doctest: +SKIP
+        >>> hook.register(trainer)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        scheduler: DualVariableScheduler,
+        interval: Literal["batch", "optim"] = "batch",
+    ) -> None:
+        if not isinstance(scheduler, DualVariableScheduler):
+            raise TypeError(
+                f"scheduler must be a DualVariableScheduler, got {type(scheduler).__name__}."
+            )
+        if interval not in ("batch", "optim"):
+            raise ValueError(f"interval must be 'batch' or 'optim', got {interval!r}.")
+        self.scheduler = scheduler
+        self.interval = interval
+        self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
+        self._last_optim_count = 0
+
+    def _optimised_since_last_call(self) -> bool:
+        trainer = self._trainer_ref() if self._trainer_ref is not None else None
+        if trainer is None:
+            return True
+        if trainer._optim_count == self._last_optim_count:
+            return False
+        self._last_optim_count = trainer._optim_count
+        return True
+
+    def __call__(
+        self,
+        optim_steps: int | None = None,
+        average_losses: TensorDictBase | None = None,
+    ) -> None:
+        if self._optimised_since_last_call():
+            self.scheduler.step(average_losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scheduler": self.scheduler.state_dict(),
+            "last_optim_count": self._last_optim_count,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scheduler.load_state_dict(state_dict["scheduler"])
+        self._last_optim_count = state_dict["last_optim_count"]
+
+    def register(self, trainer: Trainer, name: str = "dual_variable_scheduler") -> None:
+        self._trainer_ref = weakref.ref(trainer)
+        dest = "post_optim" if self.interval == "optim" else "post_optim_complete_log"
+        trainer.register_op(dest, self)
+        trainer.register_module(name, self)

@@ -1,0 +1,398 @@
+"""R2VPO: PPO with a ratio-variance constraint instead of ratio clipping."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from tensordict import is_tensor_collection, TensorDict, TensorDictBase
+from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
+from tensordict.utils import NestedKey
+from torchrl.objectives import PPOLoss
+from torchrl.objectives.ppo import (
+    _broadcast_advantage_to_log_weight,
+    _check_advantage_broadcast,
+)
+from torchrl.objectives.utils import _sum_td_features
+
+__all__ = ["R2VPOLoss"]
+
+_VARIANCE_CENTERS = ("mean", "one")
+_NON_NEGATIVE_COEFFS = ("lagrange_multiplier", "ratio_var_target")
+
+
+def masked_mean(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``value`` over the positions where ``mask`` is ``True`` (all if ``None``).
+
+    Masked-out positions are selected away, not multiplied by zero, so that
+    non-finite padding cannot leak into the result.
+    """
+    if mask is None:
+        return value.mean()
+    value = torch.where(mask, value, torch.zeros_like(value))
+    return value.sum() / mask.sum().clamp_min(1)
+
+
+class R2VPOLoss(PPOLoss):
+    r"""Ratio-Variance Regularized Policy Optimization (R2VPO) loss.
+
+    R2VPO replaces PPO's ratio clipping by a constraint on the variance of the
+    importance ratio :math:`r = \pi_\theta(a|s) / \pi_b(a|s)`, enforced with a
+    Lagrange multiplier :math:`\lambda \geq 0`:
+
+    .. code-block:: text
+
+        maximise    E_b[r * A]
+        subject to  V = E_b[(r - rbar)^2] <= delta
+
+        loss = -mean(r * A) + lambda * mean((r - rbar)^2)    (lambda held fixed)
+
+    ``rbar`` is the detached (masked) batch mean of ``r`` (``variance_center="mean"``,
+    the paper's "second central moment") or exactly 1 (``variance_center="one"``,
+    an unbiased estimate of the Pearson chi-square divergence on on-policy data).
+    Detaching ``rbar`` does not change the gradient, since the deviations sum to
+    zero. Per sample, the gradient with respect to the policy log-probability is
+
+    .. code-block:: text
+
+        d loss / d log pi_theta(a_i|s_i) = -(r_i / N) * (A_i - 2 * lambda * (r_i - rbar))
+
+    so each sample has the *effective advantage* ``A - 2 * lambda * (r - rbar)``:
+    where PPO's clip zeroes a sample's gradient outside ``[1 - eps, 1 + eps]``,
+    this push shrinks linearly and reverses past ``r - rbar = A / (2 * lambda)``.
+
+    **Link to a KL trust region.** With :math:`\pi_\theta = \pi_b (1 + \epsilon)` and
+    :math:`E_b[\epsilon] = 0`, both :math:`KL(\pi_b \| \pi_\theta)` and
+    :math:`KL(\pi_\theta \| \pi_b)` equal :math:`\tfrac12 E_b[\epsilon^2] + O(\epsilon^3)`,
+    and :math:`E_b[\epsilon^2] = Var_b(r)`. A KL budget ``kl_target`` therefore
+    maps to the variance target ``delta = 2 * kl_target`` for small steps; pass
+    ``kl_target=`` instead of ``ratio_var_target=`` to use it.
+
+    The loss owns ``lambda`` (the ``lagrange_multiplier`` buffer) but never
+    updates it: :class:`~torchrl_r2vpo.DualVariableScheduler` does, from the
+    ``ratio_var`` the loss reports. Without a scheduler ``lambda`` stays fixed,
+    which is the paper's setting for continuous control.
+
+    Reference: "Ratio-Variance Regularized Policy Optimization", Luo et al.,
+    ICML 2026, https://arxiv.org/abs/2605.26784
+
+    Args:
+        actor_network (ProbabilisticTensorDictSequential): the policy. It must
+            write the action log-probability when collecting data.
+        critic_network (ValueOperator, optional): the value network. Without it,
+            the input must already carry the advantage.
+
+    Keyword Args:
+        ratio_var_target (float, optional): the variance target ``delta``, used by
+            the dual update and the ``constraint`` diagnostics. Defaults to
+            ``0.02`` (a KL budget of 0.01).
+        kl_target (float, optional): a KL budget; sets ``ratio_var_target`` to
+            ``2 * kl_target``. Exclusive with ``ratio_var_target``.
+        lagrange_multiplier (float, optional): the initial multiplier ``lambda``.
+            Defaults to ``2.5``: for unit-scale advantages a sample's push then
+            stops at ``|r - rbar| = 0.2``, PPO's usual clip radius.
+        variance_center (str, optional): ``"mean"`` (centre on the detached batch
+            mean of the ratio) or ``"one"``. Defaults to ``"mean"``.
+        diagnostic_clip_epsilon (float, optional): the band ``[1 - eps, 1 + eps]``
+            used only for the ``clip_fraction`` diagnostic (the share of samples
+            PPO would have clipped). Defaults to ``0.2``.
+        check_finite (bool, optional): raise on non-finite log-probabilities or
+            advantages at valid positions. Costs one host-device
+            synchronisation per call; disable it in compiled or CUDA-graph
+            loops. Defaults to ``True``.
+        **kwargs: every other :class:`~torchrl.objectives.PPOLoss` keyword
+            argument (``entropy_coeff``, ``critic_coeff``, ``loss_critic_type``,
+            ``normalize_advantage``, ``reduction``, ``functional``,
+            ``delay_actor``, ``max_importance_ratio``, ...).
+
+    The output holds ``loss_objective``, ``loss_ratio_var`` and, when enabled,
+    ``loss_entropy`` and ``loss_critic`` (trainers sum the ``loss_*`` entries),
+    and the detached diagnostics ``ratio_var``, ``lagrange_multiplier``,
+    ``kl_approx``, ``ESS`` (normalised effective sample size,
+    ``1 / (1 + Var(r) / mean(r)^2)``), ``clip_fraction``, ``mean_ratio``,
+    ``max_ratio`` and ``entropy``. All statistics are taken over the valid
+    positions selected by :attr:`~torchrl.objectives.LossModule.loss_mask_key`.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from tensordict.nn import NormalParamExtractor, TensorDictModule
+        >>> from torchrl.modules import ProbabilisticActor, TanhNormal, ValueOperator
+        >>> from torchrl_r2vpo import R2VPOLoss
+        >>> n_obs, n_act, batch = 3, 2, 8
+        >>> actor = ProbabilisticActor(
+        ...     TensorDictModule(
+        ...         torch.nn.Sequential(torch.nn.Linear(n_obs, 2 * n_act), NormalParamExtractor()),
+        ...         in_keys=["observation"], out_keys=["loc", "scale"]),
+        ...     in_keys=["loc", "scale"], distribution_class=TanhNormal, return_log_prob=True)
+        >>> critic = ValueOperator(torch.nn.Linear(n_obs, 1), in_keys=["observation"])
+        >>> loss = R2VPOLoss(actor, critic, lagrange_multiplier=1.0)
+        >>> data = TensorDict({
+        ...     "observation": torch.randn(batch, n_obs),
+        ...     "action": torch.rand(batch, n_act) * 1.8 - 0.9,
+        ...     "action_log_prob": torch.randn(batch),
+        ...     "advantage": torch.randn(batch, 1),
+        ...     "value_target": torch.randn(batch, 1),
+        ... }, [batch])
+        >>> out = loss(data)
+        >>> sorted(k for k in out.keys() if k.startswith("loss_"))
+        ['loss_critic', 'loss_entropy', 'loss_objective', 'loss_ratio_var']
+        >>> bool(torch.isclose(out["loss_ratio_var"], out["lagrange_multiplier"] * out["ratio_var"]))
+        True
+    """
+
+    _schedulable_buffers = frozenset(_NON_NEGATIVE_COEFFS)
+
+    def __init__(
+        self,
+        actor_network: ProbabilisticTensorDictSequential | None = None,
+        critic_network: TensorDictModule | None = None,
+        *,
+        ratio_var_target: float | None = None,
+        kl_target: float | None = None,
+        lagrange_multiplier: float = 2.5,
+        variance_center: Literal["mean", "one"] = "mean",
+        diagnostic_clip_epsilon: float = 0.2,
+        check_finite: bool = True,
+        device: torch.device | None = None,
+        **kwargs,
+    ):
+        if ratio_var_target is not None and kl_target is not None:
+            raise ValueError(
+                "Pass either ratio_var_target or kl_target (which sets "
+                "ratio_var_target = 2 * kl_target), not both."
+            )
+        if kl_target is not None:
+            _check_non_negative("kl_target", kl_target)
+            ratio_var_target = 2.0 * kl_target
+        elif ratio_var_target is None:
+            ratio_var_target = 0.02
+        _check_non_negative("ratio_var_target", ratio_var_target)
+        _check_non_negative("lagrange_multiplier", lagrange_multiplier)
+        if variance_center not in _VARIANCE_CENTERS:
+            raise ValueError(
+                f"variance_center must be one of {_VARIANCE_CENTERS}, got {variance_center!r}."
+            )
+        if not 0 < diagnostic_clip_epsilon < 1:
+            raise ValueError(
+                f"diagnostic_clip_epsilon must lie in (0, 1), got {diagnostic_clip_epsilon}."
+            )
+        super().__init__(actor_network, critic_network, device=device, **kwargs)
+        if device is None:
+            device = self.entropy_coeff.device
+        self.register_coeff_buffer("ratio_var_target", ratio_var_target, device=device)
+        self.register_coeff_buffer(
+            "lagrange_multiplier", lagrange_multiplier, device=device
+        )
+        # The statistic a DualVariableScheduler reads when stepped without one.
+        # Not persistent: it is a by-product of the last forward call, not state.
+        self.register_buffer(
+            "last_ratio_var", torch.full((), float("nan"), device=device), persistent=False
+        )
+        self._lagrange_multiplier_init = float(lagrange_multiplier)
+        self.variance_center = variance_center
+        self.diagnostic_clip_epsilon = diagnostic_clip_epsilon
+        self.check_finite = check_finite
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _NON_NEGATIVE_COEFFS and isinstance(value, (int, float)):
+            _check_non_negative(name, value)
+        super().__setattr__(name, value)
+
+    @property
+    def out_keys(self):
+        if self._out_keys is None:
+            keys = ["loss_objective", "loss_ratio_var"]
+            if self.entropy_bonus:
+                keys.extend(["entropy", "loss_entropy"])
+            if self._has_critic:
+                keys.append("loss_critic")
+            if self.clip_value:
+                keys.append("value_clip_fraction")
+            keys.extend(
+                [
+                    "ratio_var",
+                    "lagrange_multiplier",
+                    "kl_approx",
+                    "ESS",
+                    "clip_fraction",
+                    "mean_ratio",
+                    "max_ratio",
+                ]
+            )
+            self._out_keys = keys
+        return self._out_keys
+
+    @out_keys.setter
+    def out_keys(self, values):
+        self._out_keys = values
+
+    def reset(self) -> None:
+        """Restores the initial Lagrange multiplier."""
+        self.lagrange_multiplier = self._lagrange_multiplier_init
+
+    def _valid_mask(
+        self, tensordict: TensorDictBase, like: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The validity mask :meth:`_reduce_loss` applies, expanded to ``like``."""
+        mask = None
+        for key in self._loss_mask_keys():
+            entry = tensordict.get(key, default=None)
+            if entry is not None:
+                entry = self._expand_loss_mask(entry, like)
+                mask = entry if mask is None else mask & entry
+        return mask
+
+    def _check_finite(
+        self,
+        tensordict: TensorDictBase,
+        log_weight: torch.Tensor,
+        advantage: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
+        def all_finite(value):
+            finite = torch.isfinite(value)
+            if mask is not None:
+                finite = finite | ~mask
+            return finite.all()
+
+        if bool(all_finite(log_weight) & all_finite(advantage)):
+            return
+        if not bool(all_finite(advantage)):
+            raise ValueError(
+                f"The advantage (key {self.tensor_keys.advantage!r}) holds NaN or inf "
+                "at valid positions. When the loss computes it, check the reward "
+                f"(key {self.tensor_keys.reward!r}) and the critic's values."
+            )
+        stored = tensordict.get(self.tensor_keys.sample_log_prob, None)
+        if is_tensor_collection(stored):
+            stored = _sum_td_features(stored)
+        if stored is not None and not bool(
+            all_finite(stored.reshape(log_weight.shape[:-1]).unsqueeze(-1))
+        ):
+            raise ValueError(
+                f"The behaviour log-probability (key {self.tensor_keys.sample_log_prob!r}) "
+                "holds NaN or inf at valid positions."
+            )
+        raise ValueError(
+            "The current policy's log-probability of the stored action (key "
+            f"{self.tensor_keys.action!r}) is NaN or inf at valid positions: the "
+            "action may lie outside the distribution's support, or the policy "
+            "parameters may have diverged."
+        )
+
+    @dispatch
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        tensordict = tensordict.clone(False)
+        advantage = tensordict.get(
+            self.tensor_keys.advantage, None, as_padded_tensor=True
+        )
+        update_norm = advantage is None
+        if advantage is None:
+            if self.critic_network is None:
+                raise KeyError(
+                    f"The advantage (key {self.tensor_keys.advantage!r}) is missing "
+                    "and there is no critic to compute it: pass a critic_network "
+                    "or precompute the advantage."
+                )
+            self.value_estimator(
+                tensordict,
+                params=self._cached_critic_network_params_detached,
+                target_params=self.target_critic_network_params,
+            )
+            advantage = tensordict.get(self.tensor_keys.advantage)
+        advantage = self._maybe_normalize_advantage(
+            advantage, tensordict, update_norm=update_norm
+        )
+
+        log_weight, dist, kl_approx, log_is_weight = self._log_weight(
+            tensordict, adv_shape=advantage.shape[:-1]
+        )
+        advantage = _broadcast_advantage_to_log_weight(advantage, log_weight)
+        _check_advantage_broadcast(advantage, log_weight)
+        if log_is_weight is not None:
+            # the objective and the constraint act on the behaviour ratio
+            log_weight = log_weight + log_is_weight
+        mask = self._valid_mask(tensordict, log_weight)
+        if self.check_finite:
+            self._check_finite(tensordict, log_weight, advantage, mask)
+
+        ratio = log_weight.exp()
+        if self.variance_center == "mean":
+            center = masked_mean(ratio.detach(), mask)
+        else:
+            center = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+        sq_dev = (ratio - center).pow(2)
+        td_out = TensorDict(
+            {
+                "loss_objective": -ratio * advantage,
+                "loss_ratio_var": self.lagrange_multiplier * sq_dev,
+            }
+        )
+        with torch.no_grad():
+            ratio_var = masked_mean(sq_dev.detach(), mask)
+            self.last_ratio_var.copy_(ratio_var)
+            td_out.set("ratio_var", ratio_var)
+            td_out.set("lagrange_multiplier", self.lagrange_multiplier.detach().clone())
+            td_out.set("kl_approx", masked_mean(kl_approx.detach(), mask))
+            td_out.update(self._ratio_diagnostics(log_weight.detach(), mask))
+
+        if self.entropy_bonus:
+            entropy = self._get_entropy(dist, adv_shape=advantage.shape[:-1])
+            if is_tensor_collection(entropy):
+                td_out.set("composite_entropy", entropy.detach())
+                td_out.set("entropy", _sum_td_features(entropy).detach().mean())
+            else:
+                td_out.set("entropy", entropy.detach().mean())
+            td_out.set("loss_entropy", self._weighted_loss_entropy(entropy))
+        if self._has_critic:
+            loss_critic, value_clip_fraction, explained_variance = self.loss_critic(
+                tensordict
+            )
+            td_out.set("loss_critic", loss_critic)
+            if value_clip_fraction is not None:
+                td_out.set("value_clip_fraction", value_clip_fraction)
+            if explained_variance is not None:
+                td_out.set("explained_variance", explained_variance)
+        td_out = td_out.named_apply(
+            lambda name, value: self._reduce_loss(value, tensordict).squeeze(-1)
+            if name.startswith("loss_")
+            else value,
+        )
+        self._clear_weakrefs(
+            tensordict,
+            td_out,
+            "actor_network_params",
+            "critic_network_params",
+            "target_actor_network_params",
+            "target_critic_network_params",
+        )
+        return td_out
+
+    def _ratio_diagnostics(
+        self, log_weight: torch.Tensor, mask: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """ESS, PPO's would-be clip fraction, mean and max of the ratio (detached)."""
+        ratio = log_weight.exp()
+        eps = self.diagnostic_clip_epsilon
+        outside = ((ratio < 1 - eps) | (ratio > 1 + eps)).to(ratio.dtype)
+        if mask is not None:
+            log_weight = torch.where(mask, log_weight, float("-inf"))
+            ratio = torch.where(mask, ratio, torch.zeros_like(ratio))
+            count = mask.sum().clamp_min(1)
+        else:
+            count = log_weight.numel()
+        # ESS / N = mean(r)^2 / mean(r^2), computed in log space
+        log_weight = log_weight.flatten()
+        log_ess = 2 * log_weight.logsumexp(0) - (2 * log_weight).logsumexp(0)
+        return {
+            "ESS": log_ess.exp() / count,
+            "clip_fraction": masked_mean(outside, mask),
+            "mean_ratio": masked_mean(ratio, mask),
+            "max_ratio": ratio.max(),
+        }
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not value >= 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
