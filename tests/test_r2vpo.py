@@ -15,7 +15,7 @@ from tensordict.nn import (
 from torch import nn
 from torchrl.modules import ProbabilisticActor, TanhNormal, ValueOperator
 from torchrl.modules.distributions import IndependentNormal
-from torchrl.objectives import ClipPPOLoss, PPOLoss
+from torchrl.objectives import ClipPPOLoss, PPOLoss, SoftUpdate
 from torchrl.objectives.value import GAE
 
 from torchrl_r2vpo import R2VPOLoss
@@ -23,7 +23,7 @@ from torchrl_r2vpo import R2VPOLoss
 N_OBS, N_ACT = 4, 2
 
 
-def make_actor(n_obs=N_OBS, n_act=N_ACT, composite=False, seed=0):
+def make_actor(n_obs=N_OBS, n_act=N_ACT, composite=False, seed=0, distribution_class=TanhNormal):
     torch.manual_seed(seed)
     if not composite:
         net = nn.Sequential(nn.Linear(n_obs, 2 * n_act), NormalParamExtractor())
@@ -31,7 +31,7 @@ def make_actor(n_obs=N_OBS, n_act=N_ACT, composite=False, seed=0):
         return ProbabilisticActor(
             module,
             in_keys=["loc", "scale"],
-            distribution_class=TanhNormal,
+            distribution_class=distribution_class,
             return_log_prob=True,
         )
     # two action heads, each a TanhNormal over n_act dims
@@ -153,8 +153,11 @@ class TestIdentities:
         for key in ("ratio_var", "ESS", "kl_approx", "lagrange_multiplier"):
             assert not out[key].requires_grad
 
-    def test_gae_through_make_value_estimator(self):
-        actor, data = stale_setup()
+    @pytest.mark.parametrize("batch", [(64,), (4, 16)])
+    def test_gae_through_make_value_estimator(self, batch):
+        actor = make_actor()
+        data = make_data(actor, batch=batch)
+        perturb_(actor)
         critic = make_critic()
         loss = R2VPOLoss(actor, critic, lagrange_multiplier=1.0)
         loss.make_value_estimator(gamma=0.9, lmbda=0.8)
@@ -163,7 +166,49 @@ class TestIdentities:
         gae = GAE(gamma=0.9, lmbda=0.8, value_network=critic)
         with torch.no_grad():
             precomputed = gae(without_adv.clone())
-        torch.testing.assert_close(out["loss_objective"], loss(precomputed)["loss_objective"])
+        expected = loss(precomputed)
+        for key in ("loss_objective", "loss_critic", "ratio_var"):
+            torch.testing.assert_close(out[key], expected[key])
+
+    def test_functional_false_matches_functional(self):
+        actor, data = stale_setup()
+        critic = make_critic()
+        out = R2VPOLoss(actor, critic, lagrange_multiplier=1.0)(data)
+        stateful = R2VPOLoss(actor, critic, lagrange_multiplier=1.0, functional=False)(data)
+        for key in ("loss_objective", "loss_ratio_var", "loss_critic", "ratio_var"):
+            torch.testing.assert_close(out[key], stateful[key])
+
+    def test_delay_actor_constrains_the_proximal_ratio(self):
+        actor, data = stale_setup()
+        loss = R2VPOLoss(actor, entropy_bonus=False, delay_actor=True, lagrange_multiplier=1.0)
+        ppo = PPOLoss(actor, entropy_bonus=False, delay_actor=True)
+        SoftUpdate(loss, eps=0.9), SoftUpdate(ppo, eps=0.9)  # PPO-EWMA's proximal policy
+        with torch.no_grad():  # move the proximal (delayed) policy away from both
+            for p in loss.target_actor_network_params.values(True, True):
+                p.add_(0.2)
+        out = loss(data)
+        ppo.target_actor_network_params.update(loss.target_actor_network_params)
+        # the objective keeps the behaviour ratio, as in PPOLoss
+        torch.testing.assert_close(out["loss_objective"], ppo(data)["loss_objective"])
+        with torch.no_grad():
+            current, _, _ = loss._get_cur_log_prob(data.clone(False))
+            prox, _, _ = loss._get_cur_log_prob(
+                data.clone(False), params=loss.target_actor_network_params
+            )
+        r = (current - prox).exp()
+        torch.testing.assert_close(out["ratio_var"], ((r - r.mean()) ** 2).mean())
+        assert not torch.allclose(r, ratio_of(loss, data))
+
+    def test_max_importance_ratio_caps_the_objective_not_the_statistic(self):
+        actor, data = stale_setup()
+        r = ratio_of(R2VPOLoss(actor), data)
+        cap = r.quantile(0.5).item()
+        loss = R2VPOLoss(actor, entropy_bonus=False, max_importance_ratio=cap)
+        out = loss(data)
+        ppo = PPOLoss(actor, entropy_bonus=False, max_importance_ratio=cap)
+        torch.testing.assert_close(out["loss_objective"], ppo(data)["loss_objective"])
+        torch.testing.assert_close(out["ratio_var"], ((r - r.mean()) ** 2).mean())
+        torch.testing.assert_close(out["max_ratio"], r.max())
 
     def test_kl_target_sets_twice_the_budget(self):
         loss = R2VPOLoss(make_actor(), kl_target=0.015)
@@ -396,8 +441,9 @@ class TestTorchRLConventions:
         torch.testing.assert_close(out["ratio_var"], ((r - r.mean()) ** 2).mean())
         assert out["ratio_var"] > 1e-3
 
-    def test_collector_mask_excludes_padding(self):
-        actor = make_actor()
+    @pytest.mark.parametrize("normalize_advantage", [False, True])
+    def test_collector_mask_excludes_padding(self, normalize_advantage):
+        actor = make_actor(distribution_class=IndependentNormal)  # analytic entropy
         data = make_data(actor, batch=(4, 16))
         perturb_(actor)
         mask = torch.rand(4, 16, generator=torch.Generator().manual_seed(0)) > 0.3
@@ -405,12 +451,31 @@ class TestTorchRLConventions:
         # padding may hold garbage, including non-finite values
         data["action_log_prob"] = torch.where(mask, data["action_log_prob"], float("nan"))
         data["advantage"] = torch.where(mask.unsqueeze(-1), data["advantage"], float("inf"))
-        loss = R2VPOLoss(actor, make_critic(), lagrange_multiplier=1.0)
+        data["observation"] = torch.where(mask.unsqueeze(-1), data["observation"], 1e3)
+        kwargs = dict(lagrange_multiplier=1.0, normalize_advantage=normalize_advantage)
+        loss = R2VPOLoss(actor, make_critic(), **kwargs)
         out = loss(data)
         valid = loss(data[mask].exclude("collector"))
-        for key in ("loss_objective", "loss_ratio_var", "ratio_var", "ESS", "kl_approx", "mean_ratio"):
-            torch.testing.assert_close(out[key], valid[key])
+        keys = ["loss_objective", "loss_ratio_var", "loss_critic", "loss_entropy",
+                "ratio_var", "ESS", "kl_approx", "mean_ratio", "max_ratio", "entropy",
+                "clip_fraction"]
+        for key in keys:
+            torch.testing.assert_close(out[key], valid[key], msg=key)
             assert torch.isfinite(out[key])
+        per_sample = R2VPOLoss(actor, make_critic(), reduction="none", **kwargs)(data)
+        assert per_sample["loss_ratio_var"].shape == (4, 16)
+        assert (per_sample["loss_ratio_var"][~mask] == 0).all()
+        summed = R2VPOLoss(actor, make_critic(), reduction="sum", **kwargs)(data)
+        torch.testing.assert_close(summed["loss_ratio_var"], per_sample["loss_ratio_var"].sum())
+        torch.testing.assert_close(summed["loss_ratio_var"], valid["loss_ratio_var"] * mask.sum())
+
+    def test_no_valid_position_gives_no_statistic(self):
+        actor = make_actor()
+        data = make_data(actor, batch=(2, 4))
+        data.set(("collector", "mask"), torch.zeros(2, 4, dtype=torch.bool))
+        out = R2VPOLoss(actor)(data)
+        assert torch.isnan(out["ratio_var"])
+        assert out["loss_objective"] == 0 and out["loss_ratio_var"] == 0
 
     def test_precomputed_advantage_without_critic(self):
         actor, data = stale_setup()
@@ -440,6 +505,20 @@ class TestBadInput:
         with pytest.raises(ValueError, match="current policy's log-probability"):
             R2VPOLoss(actor)(data)
 
+    def test_ratio_overflow_is_reported(self):
+        actor, data = stale_setup()
+        data["action_log_prob"][5] -= 200.0  # finite log-probs, exp(200) overflows
+        with pytest.raises(ValueError, match="ratio overflowed"):
+            R2VPOLoss(actor)(data)
+
+    def test_composite_nan_behaviour_log_prob_names_the_keys(self):
+        with set_composite_lp_aggregate(False):
+            actor = make_actor(composite=True)
+            data = make_data(actor)
+            data["action", "action2_log_prob"][0] = float("nan")
+            with pytest.raises(ValueError, match="action2_log_prob"):
+                R2VPOLoss(actor)(data)
+
     def test_missing_key_names_it(self):
         actor, data = stale_setup()
         with pytest.raises(KeyError, match="action_log_prob"):
@@ -460,6 +539,12 @@ class TestBadInput:
     def test_invalid_hyperparameters(self, kwargs, name):
         with pytest.raises(ValueError, match=name):
             R2VPOLoss(make_actor(), **kwargs)
+
+    def test_integer_hyperparameters_give_float_buffers(self):
+        loss = R2VPOLoss(make_actor(), lagrange_multiplier=1, ratio_var_target=0)
+        assert loss.lagrange_multiplier.dtype == loss.ratio_var_target.dtype == torch.float32
+        loss.lagrange_multiplier = 0.5
+        assert loss.lagrange_multiplier.item() == 0.5
 
     def test_negative_multiplier_assignment_raises(self):
         loss = R2VPOLoss(make_actor())

@@ -8,12 +8,13 @@ import torch
 from tensordict import is_tensor_collection, TensorDict, TensorDictBase
 from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
 from tensordict.utils import NestedKey
+from torchrl.modules.distributions.utils import is_dynamo_compiling
 from torchrl.objectives import PPOLoss
 from torchrl.objectives.ppo import (
     _broadcast_advantage_to_log_weight,
     _check_advantage_broadcast,
 )
-from torchrl.objectives.utils import _sum_td_features
+from torchrl.objectives.utils import _maybe_get_or_select, _sum_td_features
 
 __all__ = ["R2VPOLoss"]
 
@@ -83,8 +84,8 @@ class R2VPOLoss(PPOLoss):
             the input must already carry the advantage.
 
     Keyword Args:
-        ratio_var_target (float, optional): the variance target ``delta``, used by
-            the dual update and the ``constraint`` diagnostics. Defaults to
+        ratio_var_target (float, optional): the variance target ``delta``, read
+            by :class:`~torchrl_r2vpo.DualVariableScheduler`. Defaults to
             ``0.02`` (a KL budget of 0.01).
         kl_target (float, optional): a KL budget; sets ``ratio_var_target`` to
             ``2 * kl_target``. Exclusive with ``ratio_var_target``.
@@ -96,22 +97,34 @@ class R2VPOLoss(PPOLoss):
         diagnostic_clip_epsilon (float, optional): the band ``[1 - eps, 1 + eps]``
             used only for the ``clip_fraction`` diagnostic (the share of samples
             PPO would have clipped). Defaults to ``0.2``.
-        check_finite (bool, optional): raise on non-finite log-probabilities or
-            advantages at valid positions. Costs one host-device
-            synchronisation per call; disable it in compiled or CUDA-graph
-            loops. Defaults to ``True``.
+        check_finite (bool, optional): raise on non-finite log-probabilities,
+            ratios or advantages at valid positions. Costs one host-device
+            synchronisation per call; it is skipped under ``torch.compile``,
+            and can be disabled for CUDA-graph loops. Defaults to ``True``.
         **kwargs: every other :class:`~torchrl.objectives.PPOLoss` keyword
             argument (``entropy_coeff``, ``critic_coeff``, ``loss_critic_type``,
             ``normalize_advantage``, ``reduction``, ``functional``,
             ``delay_actor``, ``max_importance_ratio``, ...).
+
+    **Which ratio.** The objective is weighted by the behaviour ratio
+    ``pi_theta / pi_behaviour``, capped at ``max_importance_ratio`` if set. The
+    constraint, ``ratio_var`` and the ratio diagnostics use the uncapped ratio
+    to the *proximal* policy: the behaviour policy by default, or the delayed
+    copy of the actor with ``delay_actor=True`` (PPO-EWMA), exactly where
+    :class:`~torchrl.objectives.ClipPPOLoss` applies its clip. Without
+    ``delay_actor`` and ``max_importance_ratio`` the two coincide.
 
     The output holds ``loss_objective``, ``loss_ratio_var`` and, when enabled,
     ``loss_entropy`` and ``loss_critic`` (trainers sum the ``loss_*`` entries),
     and the detached diagnostics ``ratio_var``, ``lagrange_multiplier``,
     ``kl_approx``, ``ESS`` (normalised effective sample size,
     ``1 / (1 + Var(r) / mean(r)^2)``), ``clip_fraction``, ``mean_ratio``,
-    ``max_ratio`` and ``entropy``. All statistics are taken over the valid
-    positions selected by :attr:`~torchrl.objectives.LossModule.loss_mask_key`.
+    ``max_ratio`` and ``entropy``. All statistics, and the advantage
+    normalisation, are taken over the valid positions selected by
+    :attr:`~torchrl.objectives.LossModule.loss_mask_key`; with no valid position
+    ``ratio_var`` is NaN, which the scheduler skips. Each call also records
+    ``ratio_var`` in the ``last_ratio_var`` buffer (not saved in the
+    ``state_dict``), which a scheduler stepped without argument reads.
 
     Examples:
         >>> import torch
@@ -180,9 +193,12 @@ class R2VPOLoss(PPOLoss):
         super().__init__(actor_network, critic_network, device=device, **kwargs)
         if device is None:
             device = self.entropy_coeff.device
-        self.register_coeff_buffer("ratio_var_target", ratio_var_target, device=device)
+        dtype = torch.get_default_dtype()
         self.register_coeff_buffer(
-            "lagrange_multiplier", lagrange_multiplier, device=device
+            "ratio_var_target", float(ratio_var_target), device=device, dtype=dtype
+        )
+        self.register_coeff_buffer(
+            "lagrange_multiplier", float(lagrange_multiplier), device=device, dtype=dtype
         )
         # The statistic a DualVariableScheduler reads when stepped without one.
         # Not persistent: it is a by-product of the last forward call, not state.
@@ -243,10 +259,29 @@ class R2VPOLoss(PPOLoss):
                 mask = entry if mask is None else mask & entry
         return mask
 
+    def _standardize_advantage(
+        self, advantage: torch.Tensor, tensordict: TensorDictBase
+    ) -> torch.Tensor:
+        # PPOLoss masks with "shifted_valid" only, and multiplies (inf * 0 = nan):
+        # standardise over every validity mask, exactly as on the valid positions
+        # alone (mean, unbiased std), selecting padding away
+        mask = self._valid_mask(tensordict, advantage)
+        if mask is None:
+            return super()._standardize_advantage(advantage, tensordict)
+        exclude = {d % advantage.ndim for d in self.normalize_advantage_exclude_dims}
+        dims = tuple(d for d in range(advantage.ndim) if d not in exclude)
+        count = mask.sum(dims, keepdim=True)
+        mean = torch.where(mask, advantage, 0).sum(dims, keepdim=True) / count.clamp_min(1)
+        sq_dev = torch.where(mask, advantage - mean, 0).pow(2)
+        std = (sq_dev.sum(dims, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+        std = std.clamp_min(torch.finfo(torch.float).resolution)
+        return torch.where(mask, (advantage - mean) / std, 0)
+
     def _check_finite(
         self,
         tensordict: TensorDictBase,
         log_weight: torch.Tensor,
+        ratio: torch.Tensor,
         advantage: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> None:
@@ -254,31 +289,36 @@ class R2VPOLoss(PPOLoss):
             finite = torch.isfinite(value)
             if mask is not None:
                 finite = finite | ~mask
-            return finite.all()
+            return bool(finite.all())
 
-        if bool(all_finite(log_weight) & all_finite(advantage)):
+        if all_finite(torch.stack([ratio, advantage.expand_as(ratio)])):
             return
-        if not bool(all_finite(advantage)):
+        if not all_finite(advantage):
             raise ValueError(
                 f"The advantage (key {self.tensor_keys.advantage!r}) holds NaN or inf "
                 "at valid positions. When the loss computes it, check the reward "
                 f"(key {self.tensor_keys.reward!r}) and the critic's values."
             )
-        stored = tensordict.get(self.tensor_keys.sample_log_prob, None)
+        key = self.tensor_keys.sample_log_prob
+        stored = _maybe_get_or_select(tensordict, key, log_weight.shape[:-1])
         if is_tensor_collection(stored):
             stored = _sum_td_features(stored)
-        if stored is not None and not bool(
-            all_finite(stored.reshape(log_weight.shape[:-1]).unsqueeze(-1))
-        ):
+        if not all_finite(stored.reshape(log_weight.shape)):
             raise ValueError(
-                f"The behaviour log-probability (key {self.tensor_keys.sample_log_prob!r}) "
-                "holds NaN or inf at valid positions."
+                f"The behaviour log-probability (key {key!r}) holds NaN or inf at "
+                "valid positions."
+            )
+        if not all_finite(log_weight):
+            raise ValueError(
+                "The current policy's log-probability of the stored action (key "
+                f"{self.tensor_keys.action!r}) is NaN or inf at valid positions: "
+                "the action may lie outside the distribution's support, or the "
+                "policy parameters may have diverged."
             )
         raise ValueError(
-            "The current policy's log-probability of the stored action (key "
-            f"{self.tensor_keys.action!r}) is NaN or inf at valid positions: the "
-            "action may lie outside the distribution's support, or the policy "
-            "parameters may have diverged."
+            "The importance ratio overflowed at valid positions: the policy is "
+            "extremely far from the one that collected the data (stale data, or "
+            "too large a step)."
         )
 
     @dispatch
@@ -310,14 +350,17 @@ class R2VPOLoss(PPOLoss):
         )
         advantage = _broadcast_advantage_to_log_weight(advantage, log_weight)
         _check_advantage_broadcast(advantage, log_weight)
-        if log_is_weight is not None:
-            # the objective and the constraint act on the behaviour ratio
-            log_weight = log_weight + log_is_weight
         mask = self._valid_mask(tensordict, log_weight)
-        if self.check_finite:
-            self._check_finite(tensordict, log_weight, advantage, mask)
-
+        # the constraint acts on the proximal ratio (the behaviour ratio unless
+        # delay_actor), uncapped; the objective on the (capped) behaviour ratio
         ratio = log_weight.exp()
+        if self.check_finite and not is_dynamo_compiling():
+            self._check_finite(tensordict, log_weight, ratio, advantage, mask)
+        if log_is_weight is None:
+            behaviour_ratio = ratio
+        else:
+            behaviour_ratio = (log_weight + log_is_weight).exp()
+
         if self.variance_center == "mean":
             center = masked_mean(ratio.detach(), mask)
         else:
@@ -325,12 +368,14 @@ class R2VPOLoss(PPOLoss):
         sq_dev = (ratio - center).pow(2)
         td_out = TensorDict(
             {
-                "loss_objective": -ratio * advantage,
+                "loss_objective": -behaviour_ratio * advantage,
                 "loss_ratio_var": self.lagrange_multiplier * sq_dev,
             }
         )
         with torch.no_grad():
             ratio_var = masked_mean(sq_dev.detach(), mask)
+            if mask is not None:  # no valid position: no statistic
+                ratio_var = torch.where(mask.any(), ratio_var, float("nan"))
             self.last_ratio_var.copy_(ratio_var)
             td_out.set("ratio_var", ratio_var)
             td_out.set("lagrange_multiplier", self.lagrange_multiplier.detach().clone())
@@ -339,11 +384,11 @@ class R2VPOLoss(PPOLoss):
 
         if self.entropy_bonus:
             entropy = self._get_entropy(dist, adv_shape=advantage.shape[:-1])
+            summed = _sum_td_features(entropy) if is_tensor_collection(entropy) else entropy
             if is_tensor_collection(entropy):
                 td_out.set("composite_entropy", entropy.detach())
-                td_out.set("entropy", _sum_td_features(entropy).detach().mean())
-            else:
-                td_out.set("entropy", entropy.detach().mean())
+            entropy_mask = None if mask is None else mask.reshape(summed.shape)
+            td_out.set("entropy", masked_mean(summed.detach(), entropy_mask))
             td_out.set("loss_entropy", self._weighted_loss_entropy(entropy))
         if self._has_critic:
             loss_critic, value_clip_fraction, explained_variance = self.loss_critic(
