@@ -397,7 +397,7 @@ class TestTorchRLConventions:
         other = other.double()
         assert other.lagrange_multiplier.dtype == torch.float64
         other.reset()
-        assert other.lagrange_multiplier.item() == 2.5  # its own initial value
+        assert other.lagrange_multiplier.item() == 0.5  # its own initial value
 
     def test_forward_is_pure(self):
         actor, data = stale_setup()
@@ -550,7 +550,7 @@ class TestBadInput:
         loss = R2VPOLoss(make_actor())
         with pytest.raises(ValueError, match="lagrange_multiplier"):
             loss.lagrange_multiplier = -0.5
-        assert loss.lagrange_multiplier.item() == 2.5
+        assert loss.lagrange_multiplier.item() == 0.5
 
     def test_check_finite_can_be_disabled(self):
         actor, data = stale_setup()

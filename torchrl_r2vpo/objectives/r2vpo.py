@@ -90,8 +90,12 @@ class R2VPOLoss(PPOLoss):
         kl_target (float, optional): a KL budget; sets ``ratio_var_target`` to
             ``2 * kl_target``. Exclusive with ``ratio_var_target``.
         lagrange_multiplier (float, optional): the initial multiplier ``lambda``.
-            Defaults to ``2.5``: for unit-scale advantages a sample's push then
-            stops at ``|r - rbar| = 0.2``, PPO's usual clip radius.
+            A sample's push stops at ``r - rbar = A / (2 * lambda)``. Defaults
+            to ``0.5``: on walker-walk with ``examples/dmc_walker.py``, ``0.5``
+            held the ratio variance near PPO's usual range (about 0.02, a KL
+            of 0.01) and learned faster than ``2.5`` (the SPO-like value
+            matching a 0.2 clip for unit advantages), which held it near 0.002
+            (see ``benchmarks/README.md``).
         variance_center (str, optional): ``"mean"`` (centre on the detached batch
             mean of the ratio) or ``"one"``. Defaults to ``"mean"``.
         diagnostic_clip_epsilon (float, optional): the band ``[1 - eps, 1 + eps]``
@@ -163,7 +167,7 @@ class R2VPOLoss(PPOLoss):
         *,
         ratio_var_target: float | None = None,
         kl_target: float | None = None,
-        lagrange_multiplier: float = 2.5,
+        lagrange_multiplier: float = 0.5,
         variance_center: Literal["mean", "one"] = "mean",
         diagnostic_clip_epsilon: float = 0.2,
         check_finite: bool = True,

@@ -1,0 +1,259 @@
+"""R2VPO vs clipped PPO on DeepMind Control, through ``examples/dmc_walker.py``.
+
+    python benchmarks/dmc_compare.py                       # 3 tasks x 2 losses x 3 seeds, 1M frames
+    python benchmarks/dmc_compare.py --frames 200000       # a shorter matrix
+    python benchmarks/dmc_compare.py --sweep --frames 100000 --seeds 0
+    python benchmarks/dmc_compare.py --throughput          # frames/s vs the raw simulator
+    python benchmarks/dmc_compare.py --report-only         # rebuild the tables from the files
+
+Every (task, loss, seed) run is the example script with its own ``--out``
+directory under ``--out``; a run that was interrupted continues with
+``--resume``, and a finished one is skipped, so the matrix can be completed over
+several sittings. The report is built from the result files present and written
+to ``<out>/summary.md`` and ``<out>/curves.png``. Both losses share the example's
+networks, data path and hyperparameters; only the loss differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import multiprocessing as mp
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "dmc_walker.py"
+TASKS = ["walker-walk", "cheetah-run", "cartpole-swingup_sparse"]
+FIXED_LAMBDAS = [0.5, 1.0, 2.5, 5.0, 10.0]
+ADAPTIVE_TARGETS = [0.005, 0.01, 0.02, 0.05]
+
+
+def read_curve(run_dir: Path) -> list[dict[str, float]]:
+    path = run_dir / "curve.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{k: float(v) if v != "" else np.nan for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def run(run_dir: Path, frames: int, args: list[str]) -> None:
+    """Runs (or continues) one training run unless its curve already reaches ``frames``."""
+    curve = read_curve(run_dir)
+    if curve and curve[-1]["frames"] >= frames:
+        return
+    cmd = [sys.executable, str(EXAMPLE), "--frames", str(frames), "--out", str(run_dir),
+           "--resume", "--no-video", *args]
+    print("$", " ".join(cmd[1:]), flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "stdout.log", "a") as log:
+        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
+
+
+def eval_points(curve: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
+    points = [(r["frames"], r["eval_return"]) for r in curve if not np.isnan(r["eval_return"])]
+    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
+
+
+def frames_to_reach(frames: np.ndarray, returns: np.ndarray, level: float) -> float:
+    above = np.nonzero(returns >= level)[0]
+    return float(frames[above[0]]) if len(above) else np.nan
+
+
+def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> str:
+    """Final returns, frames-to-PPO's-final and the curves, from the runs present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"Final evaluation return (deterministic policy) at {frames} frames, "
+             "mean ± std over the seeds that reached it.", "",
+             "| task | " + " | ".join(losses) + " | frames R2VPO needs to reach PPO's final |",
+             "|---|" + "---|" * (len(losses) + 1)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        cells, mean_curves = [], {}
+        for loss in losses:
+            curves = [eval_points(read_curve(d))
+                      for d in sorted((out / task / loss).glob("seed*"))]
+            curves = [c for c in curves if len(c[0]) and c[0][-1] >= frames]
+            if not curves:
+                cells.append("-")
+                continue
+            length = min(len(c[0]) for c in curves)
+            x = curves[0][0][:length]
+            ys = np.stack([c[1][:length] for c in curves])
+            mean_curves[loss] = (x, ys.mean(0))
+            cells.append(f"{ys[:, -1].mean():.1f} ± {ys[:, -1].std():.1f} (n={len(curves)})")
+            ax.plot(x, ys.mean(0), label=f"{loss} (n={len(curves)})")
+            ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
+        reach = "-"
+        if "r2vpo" in mean_curves and "ppo" in mean_curves:
+            needed = frames_to_reach(*mean_curves["r2vpo"], mean_curves["ppo"][1][-1])
+            reach = "not reached" if np.isnan(needed) else f"{needed:.0f} ({needed / frames:.0%})"
+        lines.append(f"| {task} | " + " | ".join(cells) + f" | {reach} |")
+        ax.set(title=task, xlabel="frames", ylabel="eval return")
+        ax.grid(alpha=0.3)
+        if mean_curves:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
+def summarize_sweep(out: Path, task: str, frames: int) -> str:
+    lines = [f"Sensitivity on {task} at {frames} frames (final eval return, "
+             "mean over the seeds present; mean ratio variance over training).", "",
+             "| dual | value | final eval return | mean ratio_var | final lambda |",
+             "|---|---|---|---|---|"]
+    for kind, values in (("fixed lambda", FIXED_LAMBDAS), ("adaptive delta", ADAPTIVE_TARGETS)):
+        for value in values:
+            finals, variances, lams = [], [], []
+            for run_dir in sorted((out / "sweep" / task / f"{kind.split()[0]}-{value}").glob("seed*")):
+                curve = read_curve(run_dir)
+                x, y = eval_points(curve)
+                if len(x) and x[-1] >= frames:
+                    finals.append(y[-1])
+                    variances.append(np.nanmean([r["ratio_var"] for r in curve]))
+                    lams.append(curve[-1]["lagrange_multiplier"])
+            if finals:
+                lines.append(f"| {kind} | {value} | {np.mean(finals):.1f} (n={len(finals)}) | "
+                             f"{np.mean(variances):.4f} | {np.mean(lams):.3g} |")
+    return "\n".join(lines)
+
+
+# --- throughput -------------------------------------------------------------------------
+
+def _raw_steps(task: str, steps: int, queue) -> None:
+    from dm_control import suite
+
+    domain, name = task.split("-", 1)
+    env = suite.load(domain, name, task_kwargs={"random": 0})
+    spec, rng = env.action_spec(), np.random.default_rng(0)
+    env.reset()
+    start = time.perf_counter()
+    for _ in range(steps):
+        if env.step(rng.uniform(spec.minimum, spec.maximum, spec.shape)).last():
+            env.reset()
+    queue.put(steps / (time.perf_counter() - start))
+
+
+def raw_rate(task: str, processes: int, steps: int = 20_000) -> float:
+    """Random-action dm_control steps/s summed over ``processes`` processes."""
+    queue = mp.get_context("spawn").Queue()
+    procs = [mp.get_context("spawn").Process(target=_raw_steps, args=(task, steps, queue))
+             for _ in range(processes)]
+    for p in procs:
+        p.start()
+    rates = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(rates)
+
+
+def plain_collector_rate(task: str, frames: int = 20_480) -> float:
+    """frames/s of a plain single-env TorchRL Collector with the example's policy."""
+    import torch
+    from torchrl.collectors import Collector
+
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from dmc_walker import make_agent
+
+    from torchrl_r2vpo.envs import make_env
+
+    env = make_env(task, seed=0)
+    actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
+                             env.action_spec.shape[-1])
+    torch.set_num_threads(1)
+    collector = Collector(env, actor, frames_per_batch=2048, total_frames=frames + 2048,
+                          auto_register_policy_transforms=False)
+    it = iter(collector)
+    next(it)  # warm-up batch
+    start = time.perf_counter()
+    for _ in it:
+        pass
+    rate = frames / (time.perf_counter() - start)
+    collector.shutdown()
+    return rate
+
+
+def throughput(out: Path, task: str, frames: int) -> str:
+    """The training loop, the plain Collector and the raw simulator, measured in one run."""
+    raw_before = raw_rate(task, processes=2)
+    plain = plain_collector_rate(task)
+    run_dir = out / "throughput" / task
+    if run_dir.exists():
+        for f in run_dir.iterdir():
+            f.unlink() if f.is_file() else None
+    run(run_dir, frames, ["--env", task, "--eval-every", str(10 * frames)])
+    raw_after = raw_rate(task, processes=2)
+    curve = read_curve(run_dir)
+    loop = statistics.median(r["fps"] for r in curve[1:])  # the first batch includes start-up
+    raw = statistics.mean([raw_before, raw_after])
+    result = {"task": task, "training_loop_fps": loop, "plain_collector_fps": plain,
+              "raw_dm_control_2proc_steps_per_s": raw, "raw_before": raw_before,
+              "raw_after": raw_after, "machine": platform.processor() or platform.machine()}
+    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+    return "\n".join([
+        f"Throughput on {task} (2 processes; training loop = collection + 10 epochs of updates, "
+        "median over batches, excluding evaluation):", "",
+        "| raw dm_control, random actions | plain single-env Collector | training loop | "
+        "loop / plain | loop / raw |", "|---|---|---|---|---|",
+        f"| {raw:.0f} steps/s | {plain:.0f} frames/s | {loop:.0f} frames/s | "
+        f"{loop / plain:.2f}x | {loop / raw:.0%} |"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=TASKS)
+    parser.add_argument("--losses", nargs="+", default=["r2vpo", "ppo"], choices=["r2vpo", "ppo"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--frames", type=int, default=1_000_000)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dmc")
+    parser.add_argument("--sweep", action="store_true",
+                        help="fixed-lambda and adaptive-delta sensitivity on the first task")
+    parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    args, extra = parser.parse_known_args()  # extra arguments go to the example
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    sections = []
+    if args.throughput:
+        sections.append(throughput(args.out, args.tasks[0], args.frames))
+    elif args.sweep:
+        task = args.tasks[0]
+        runs = [(f"fixed-{v}", ["--lagrange-multiplier", str(v)]) for v in FIXED_LAMBDAS]
+        runs += [(f"adaptive-{v}", ["--dual", "adaptive", "--ratio-var-target", str(v)])
+                 for v in ADAPTIVE_TARGETS]
+        for seed in args.seeds:
+            for name, flags in runs:
+                if not args.report_only:
+                    run(args.out / "sweep" / task / name / f"seed{seed}", args.frames,
+                        ["--env", task, "--seed", str(seed), *flags, *extra])
+        sections.append(summarize_sweep(args.out, task, args.frames))
+    else:
+        for seed in args.seeds:  # seed-major: a partial matrix is balanced across tasks
+            for task in args.tasks:
+                for loss in args.losses:
+                    if not args.report_only:
+                        run(args.out / task / loss / f"seed{seed}", args.frames,
+                            ["--env", task, "--loss", loss, "--seed", str(seed), *extra])
+        sections.append(summarize(args.out, args.tasks, args.losses, args.frames))
+    report = "\n\n".join(sections)
+    name = "throughput" if args.throughput else "sweep" if args.sweep else "summary"
+    (args.out / f"{name}.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""R2VPO (or clipped PPO) on DeepMind Control, end to end with TorchRL parts.
+
+    python examples/dmc_walker.py                         # walker-walk, R2VPO, fixed lambda
+    python examples/dmc_walker.py --loss ppo              # ClipPPOLoss, same networks and data
+    python examples/dmc_walker.py --env cheetah-run --frames 1000000 --dual adaptive
+    python examples/dmc_walker.py --env HalfCheetah-v5    # any gymnasium id works too
+    python examples/dmc_walker.py --reuse 2               # also train on the 2 previous batches
+    python examples/dmc_walker.py --resume                # continue an interrupted run in --out
+
+Writes to ``--out``: ``curve.csv`` (one row per collected batch), ``curve.png``,
+``checkpoint.pt`` (every ``--checkpoint-every`` frames and on Ctrl-C), the
+logger's files, and ``policy.gif`` where MuJoCo can render offscreen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import functools
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.collectors import Collector, MultiSyncCollector
+from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
+from torchrl.envs import ExplorationType, set_exploration_type
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+from torchrl.objectives import ClipPPOLoss
+from torchrl.objectives.value import GAE
+from torchrl.record.loggers import get_logger
+from tqdm import tqdm
+
+from torchrl_r2vpo import DualVariableScheduler, R2VPOLoss
+from torchrl_r2vpo.envs import make_env, record_rollout_gif, select_mujoco_gl
+from torchrl_r2vpo.modules import RunningObservationNorm
+
+
+@dataclass
+class Config:
+    env: str = "walker-walk"  # dm_control "domain-task", or a gymnasium id
+    loss: str = "r2vpo"  # r2vpo | ppo
+    frames: int = 500_000
+    seed: int = 0
+    num_envs: int = 16  # environments stepped together, per worker
+    num_workers: int = 2  # collector processes (TorchRL MultiSyncCollector) when > 1
+    frames_per_batch: int = 4096
+    minibatch_size: int = 256
+    epochs: int = 10
+    lr: float = 3e-4  # annealed linearly to 0 over --frames
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    entropy_coeff: float = 0.0
+    critic_coeff: float = 0.5
+    max_grad_norm: float = 0.5
+    clip_epsilon: float = 0.2  # ppo
+    lagrange_multiplier: float = 0.5  # r2vpo: lambda (initial value when adaptive)
+    ratio_var_target: float = 0.02  # r2vpo: delta
+    dual: str = "fixed"  # r2vpo: fixed | adaptive
+    dual_lr: float = 1.0  # r2vpo: dual step size per optimiser step
+    reuse: int = 0  # also train on the previous K collected batches
+    eval_every: int = 50_000
+    eval_episodes: int = 4  # run side by side
+    checkpoint_every: int = 50_000
+    logger: str = "csv"  # csv | tensorboard | wandb
+    out: str = "runs/dmc_walker"
+    resume: bool = False
+    video: bool = True
+
+
+CHOICES = {"loss": ("r2vpo", "ppo"), "dual": ("fixed", "adaptive"),
+           "logger": ("csv", "tensorboard", "wandb")}
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=eval(field.type), default=field.default,
+                                choices=CHOICES.get(field.name))
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def make_agent(env, obs_dim: int, act_dim: int):
+    """Tanh-Gaussian actor and value critic, sharing one observation normaliser."""
+    obs_norm = RunningObservationNorm(obs_dim)
+    hidden = dict(num_cells=[64, 64], activation_class=nn.Tanh)
+    actor_net = nn.Sequential(obs_norm, MLP(obs_dim, 2 * act_dim, **hidden),
+                              NormalParamExtractor(scale_lb=1e-4))
+    actor = ProbabilisticActor(
+        TensorDictModule(actor_net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        spec=env.full_action_spec_unbatched,
+        distribution_class=TanhNormal,
+        distribution_kwargs={"low": env.action_spec_unbatched.space.low,
+                             "high": env.action_spec_unbatched.space.high},
+        return_log_prob=True,
+        default_interaction_type=ExplorationType.RANDOM,
+    )
+    critic = ValueOperator(nn.Sequential(obs_norm, MLP(obs_dim, 1, **hidden)),
+                           in_keys=["observation"])
+    return actor, critic, obs_norm
+
+
+def make_loss(cfg: Config, actor, critic):
+    common = dict(entropy_coeff=cfg.entropy_coeff, critic_coeff=cfg.critic_coeff,
+                  loss_critic_type="l2", normalize_advantage=True)
+    if cfg.loss == "ppo":
+        return ClipPPOLoss(actor, critic, clip_epsilon=cfg.clip_epsilon, **common), None
+    loss = R2VPOLoss(actor, critic, lagrange_multiplier=cfg.lagrange_multiplier,
+                     ratio_var_target=cfg.ratio_var_target,
+                     diagnostic_clip_epsilon=cfg.clip_epsilon, **common)
+    scheduler = DualVariableScheduler(loss, lr=cfg.dual_lr if cfg.dual == "adaptive" else 0.0)
+    return loss, scheduler
+
+
+def make_collector(cfg: Config, actor, total_frames: int, seed: int):
+    env_fn = functools.partial(make_env, cfg.env, num_envs=cfg.num_envs)
+    kwargs = dict(frames_per_batch=cfg.frames_per_batch, total_frames=total_frames,
+                  auto_register_policy_transforms=False)
+    if cfg.num_workers > 1:  # each worker steps its own batch of environments
+        collector = MultiSyncCollector([env_fn] * cfg.num_workers, actor, **kwargs)
+    else:
+        collector = Collector(env_fn(), actor, **kwargs)
+    collector.set_seed(seed)
+    return collector
+
+
+def evaluate(env, actor) -> float:
+    """Mean return of the deterministic (mode) policy over one episode per environment."""
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        rollout = env.rollout(100_000, actor, break_when_any_done=False,
+                              break_when_all_done=True)
+    done = rollout["next", "done"].squeeze(-1)  # [episodes, T]
+    first_done = done.int().argmax(-1, keepdim=True)
+    returns = rollout["next", "episode_reward"].squeeze(-1).gather(-1, first_done)
+    return returns.mean().item()
+
+
+def ratio_stats_by_staleness(loss, stored: TensorDict, version: int) -> dict[str, float]:
+    """Mean and variance of the ratio pi_theta / pi_behaviour for each data age."""
+    with torch.no_grad():
+        log_prob, _, _ = loss._get_cur_log_prob(stored.clone(False))
+        ratio = (log_prob - stored[loss.tensor_keys.sample_log_prob]).exp()
+    stats = {}
+    age = version - stored["policy_version"]
+    for k in age.unique().tolist():
+        r = ratio[age == k]
+        stats[f"stale{k}/ratio_mean"] = r.mean().item()
+        stats[f"stale{k}/ratio_var"] = r.var(correction=0).item()
+        stats[f"stale{k}/ESS"] = (r.mean() ** 2 / (r**2).mean()).item()
+    return stats
+
+
+def save_checkpoint(path: Path, **state) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: an interruption never leaves a torn checkpoint
+
+
+def try_record_video(env_name: str, actor, path: Path, seed: int, gl_problem: str | None) -> str:
+    if gl_problem is not None:
+        return f"no video: MuJoCo cannot render offscreen here: {gl_problem}"
+    try:
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            record_rollout_gif(env_name, actor, path, seed=seed)
+    except Exception as err:  # the renderer's own errors vary by OpenGL backend
+        return f"no video: MuJoCo offscreen rendering failed ({type(err).__name__}: {err})"
+    return f"video: {path}"
+
+
+def plot_curve(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["frames"], r["train_return"]) for r in rows if r["train_return"] != ""]
+    evals = [(r["frames"], r["eval_return"]) for r in rows if r["eval_return"] != ""]
+    for points, label, style in ((train, "train (stochastic)", "-"), (evals, "eval (deterministic)", "o-")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set(xlabel="frames", ylabel="episode return", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+CURVE_FIELDS = ["frames", "time_s", "fps", "train_return", "eval_return", "lagrange_multiplier",
+                "ratio_var", "ESS", "clip_fraction", "kl_approx", "entropy", "loss_objective",
+                "loss_critic", "physics_errors"]
+
+
+def main(cfg: Config) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, curve_path = out / "checkpoint.pt", out / "curve.csv"
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    gl_problem = select_mujoco_gl() if cfg.video else None  # before MuJoCo is imported
+
+    # --- environments, networks, loss ---------------------------------------------------
+    eval_env = make_env(cfg.env, num_envs=cfg.eval_episodes, seed=cfg.seed + 10_000)
+    obs_dim = eval_env.observation_spec["observation"].shape[-1]
+    act_dim = eval_env.action_spec.shape[-1]
+    actor, critic, obs_norm = make_agent(eval_env, obs_dim, act_dim)
+    loss, scheduler = make_loss(cfg, actor, critic)
+    optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr, eps=1e-5)
+    gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False)
+    # the last K+1 collected batches, each tagged with the policy version that collected it
+    history = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.reuse + 1))
+    minibatches = TensorDictReplayBuffer(
+        storage=LazyTensorStorage((cfg.reuse + 1) * cfg.frames_per_batch),
+        sampler=SamplerWithoutReplacement(drop_last=True), batch_size=cfg.minibatch_size)
+
+    # --- resume -------------------------------------------------------------------------
+    frames, version, logger_state = 0, 0, None
+    if cfg.resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        for key in ("env", "loss"):
+            if ckpt["config"][key] != getattr(cfg, key):
+                raise ValueError(f"--resume: the checkpoint has {key}={ckpt['config'][key]!r}, "
+                                 f"not {getattr(cfg, key)!r}")
+        loss.load_state_dict(ckpt["loss"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        history.load_state_dict(ckpt["history"])
+        frames, version, logger_state = ckpt["frames"], ckpt["version"], ckpt["logger"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+        print(f"resumed at frame {frames}: lambda {getattr(loss, 'lagrange_multiplier', float('nan')):.9g}, "
+              f"observation count {int(obs_norm.count)}")
+    elif cfg.resume:
+        print(f"--resume: no checkpoint in {out}, starting from scratch")
+    if frames == 0 and curve_path.exists():
+        curve_path.unlink()
+
+    logger = get_logger(cfg.logger, logger_name=str(out / "logs"),
+                        experiment_name=f"{cfg.loss}-{cfg.env}-seed{cfg.seed}",
+                        state_dict=logger_state,
+                        wandb_kwargs={"config": dataclasses.asdict(cfg), "project": "torchrl_r2vpo"})
+    collector = None
+    if frames < cfg.frames:  # a resumed run starts fresh episodes, seeded by its version
+        collector = make_collector(cfg, actor, cfg.frames - frames, seed=cfg.seed + 1000 * version)
+    else:
+        print(f"nothing to train: {frames} frames done, --frames {cfg.frames}")
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), frames=frames, version=version,
+                        loss=loss.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict() if scheduler is not None else None,
+                        history=history.state_dict(), logger=logger.state_dict(),
+                        rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                             "python": random.getstate()})
+
+    # --- training loop ------------------------------------------------------------------
+    pbar = tqdm(total=cfg.frames, initial=frames, unit="frames", dynamic_ncols=True)
+    last_eval, last_ckpt = frames // cfg.eval_every, frames // cfg.checkpoint_every
+    eval_return = float("nan")
+    start = iteration_start = time.perf_counter()
+    try:
+        for data in collector if collector is not None else ():
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * (1 - frames / cfg.frames)
+            data.set("policy_version", torch.full(data.shape, version))
+            history.extend(data.unsqueeze(0))
+            stored = history[: len(history)]  # [K + 1, (workers,) envs, T]: GAE runs along T
+            metrics = []
+            for _ in range(cfg.epochs):
+                with torch.no_grad():
+                    gae(stored)  # recomputed with the current critic, stale batches included
+                minibatches.empty()
+                minibatches.extend(stored.reshape(-1))
+                for batch in minibatches:
+                    out_td = loss(batch)
+                    total = sum(v for k, v in out_td.items() if k.startswith("loss_"))
+                    total.backward()
+                    for net in (loss.actor_network_params, loss.critic_network_params):
+                        nn.utils.clip_grad_norm_(net.values(True, True), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if scheduler is not None:
+                        scheduler.step(out_td)
+                    metrics.append(out_td.detach())
+            staleness = ratio_stats_by_staleness(loss, stored.reshape(-1), version)
+            obs_norm.update(data["observation"])  # after training: data and update agree
+            collector.update_policy_weights_()
+            version += 1
+            frames += data.numel()
+
+            # --- metrics, evaluation, checkpoint --------------------------------------------
+            done = data["next", "done"]
+            episode_returns = data["next", "episode_reward"][done]
+            physics_errors = data.get(("next", "physics_error"), torch.zeros(())).sum().item()
+            mean_metrics = torch.stack(metrics).apply(lambda x: x.float().mean(), batch_size=[])
+            row = {key: "" for key in CURVE_FIELDS}
+            now = time.perf_counter()  # frames/s of collection and training, not evaluation
+            row.update(frames=frames, time_s=round(now - start, 2),
+                       fps=round(data.numel() / (now - iteration_start), 1),
+                       physics_errors=physics_errors,
+                       train_return=episode_returns.mean().item() if episode_returns.numel() else "")
+            for key in CURVE_FIELDS:
+                if key in mean_metrics.keys():
+                    row[key] = mean_metrics[key].item()
+            if frames // cfg.eval_every > last_eval or frames >= cfg.frames:
+                last_eval = frames // cfg.eval_every
+                eval_return = row["eval_return"] = evaluate(eval_env, actor)
+            for key, value in {**row, **staleness}.items():
+                if key != "frames" and value != "":
+                    logger.log_scalar(key, value, step=frames)
+            with open(curve_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, CURVE_FIELDS)
+                if f.tell() == 0:
+                    writer.writeheader()
+                writer.writerow(row)
+            if frames // cfg.checkpoint_every > last_ckpt or frames >= cfg.frames:
+                last_ckpt = frames // cfg.checkpoint_every
+                checkpoint()
+            pbar.update(data.numel())
+            pbar.set_postfix(fps=row["fps"], ret=row["train_return"] or "-",
+                             eval=f"{eval_return:.1f}", lam=row["lagrange_multiplier"] or "-",
+                             var=f"{row['ratio_var']:.4f}" if row["ratio_var"] != "" else "-")
+            iteration_start = time.perf_counter()
+    except KeyboardInterrupt:
+        checkpoint()
+        print(f"\ninterrupted at frame {frames}; checkpoint saved, continue with --resume")
+        return {"interrupted": True, "frames": frames}
+    finally:
+        pbar.close()
+        if collector is not None:
+            collector.shutdown()
+
+    # --- results --------------------------------------------------------------------------
+    with open(curve_path) as f:
+        rows = [{k: (float(v) if v != "" else "") for k, v in r.items()} for r in csv.DictReader(f)]
+    plot_curve(rows, out / "curve.png", f"{cfg.loss} on {cfg.env}, seed {cfg.seed}")
+    final = next((r["eval_return"] for r in reversed(rows) if r["eval_return"] != ""), math.nan)
+    video = (try_record_video(cfg.env, actor, out / "policy.gif", cfg.seed, gl_problem)
+             if cfg.video else "no video (--no-video)")
+    print(f"final evaluation return: {final:.1f} after {frames} frames")
+    print(f"curve: {curve_path}, plot: {out / 'curve.png'}, checkpoint: {ckpt_path}")
+    print(video)
+    return {"interrupted": False, "frames": frames, "final_eval_return": final}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    main(parse_args())

@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_curve(run_dir: Path, evals: list[float], step=1000, **extra):
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["frames", "eval_return", "ratio_var", "lagrange_multiplier"])
+        writer.writeheader()
+        for i, value in enumerate(evals, start=1):
+            writer.writerow({"frames": i * step, "eval_return": value, "ratio_var": 0.01,
+                             "lagrange_multiplier": extra.get("lam", 2.5)})
+
+
+def test_report_from_partial_results(tmp_path):
+    dmc = load("dmc_compare")
+    write_curve(tmp_path / "walker-walk" / "r2vpo" / "seed0", [10, 50, 90])
+    write_curve(tmp_path / "walker-walk" / "r2vpo" / "seed1", [20, 70, 110])
+    write_curve(tmp_path / "walker-walk" / "ppo" / "seed0", [10, 30, 60])
+    write_curve(tmp_path / "walker-walk" / "ppo" / "seed1", [10, 20])  # unfinished: left out
+    report = dmc.summarize(tmp_path, ["walker-walk", "cheetah-run"], ["r2vpo", "ppo"], 3000)
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert "100.0 ± 10.0 (n=2)" in rows["walker-walk"]
+    assert "60.0 ± 0.0 (n=1)" in rows["walker-walk"]
+    # mean r2vpo curve [15, 60, 100] first reaches ppo's final 60 at 2000 frames
+    assert rows["walker-walk"].rstrip(" |").endswith("2000 (67%)")
+    assert rows["cheetah-run"].count("-") >= 3  # no runs yet
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("evals, level, expected", [([1, 5, 9], 5, 2000.0), ([1, 2], 5, None)])
+def test_frames_to_reach(evals, level, expected):
+    import numpy as np
+
+    dmc = load("dmc_compare")
+    frames = np.array([1000.0 * (i + 1) for i in range(len(evals))])
+    got = dmc.frames_to_reach(frames, np.array(evals, dtype=float), level)
+    assert (np.isnan(got) and expected is None) or got == expected

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from dm_control.rl.control import PhysicsError
+
+from torchrl_r2vpo.envs import make_env, parse_env_name
+from torchrl_r2vpo.modules import RunningObservationNorm
+
+
+class TestEnvFactory:
+    def test_dm_control_task(self):
+        env = make_env("walker-walk", seed=0)
+        assert env.observation_spec["observation"].shape == (24,)
+        assert env.observation_spec["observation"].dtype == torch.float32
+        td = env.rollout(5)
+        for key in ("observation", "step_count", "is_init"):
+            assert key in td.keys()
+        for key in ("reward", "episode_reward", "done", "truncated", "physics_error"):
+            assert ("next", key) in td.keys(True)
+        torch.testing.assert_close(
+            td["next", "episode_reward"][-1], td["next", "reward"].sum(0)
+        )
+
+    @pytest.mark.parametrize("name, obs_dim", [("Pendulum-v1", 3), ("HalfCheetah-v5", 17)])
+    def test_gymnasium_through_the_same_factory(self, name, obs_dim):
+        env = make_env(name, num_envs=2, seed=0)
+        td = env.rollout(4)
+        assert td["observation"].shape == (2, 4, obs_dim)
+        assert td["observation"].dtype == torch.float32
+        assert ("next", "episode_reward") in td.keys(True)
+
+    def test_batched_envs_are_seeded_apart(self):
+        env = make_env("cartpole-balance", num_envs=2, seed=3)
+        first = env.reset()["observation"]
+        assert not torch.allclose(first[0], first[1])
+        again = make_env("cartpole-balance", num_envs=2, seed=3).reset()["observation"]
+        torch.testing.assert_close(first, again)
+
+    @pytest.mark.parametrize(
+        "name, parsed",
+        [
+            ("walker-walk", ("walker", "walk")),
+            ("ball_in_cup-catch", ("ball_in_cup", "catch")),
+            ("cartpole-swingup_sparse", ("cartpole", "swingup_sparse")),
+            ("Pendulum-v1", ("Pendulum-v1", None)),
+            ("HalfCheetah-v5", ("HalfCheetah-v5", None)),
+        ],
+    )
+    def test_parse_env_name(self, name, parsed):
+        assert parse_env_name(name) == parsed
+
+    def test_unknown_task_lists_the_known_ones(self):
+        with pytest.raises(ValueError, match="Unknown DeepMind Control task.*walker-run"):
+            make_env("walker-fly")
+
+    def test_physics_error_ends_the_episode_and_is_counted(self):
+        env = make_env("walker-walk", seed=0)
+        raw = env.base_env._env._env  # the dm_control Environment under the guard
+        step, calls = raw.step, [0]
+
+        def unstable_step(action):
+            calls[0] += 1
+            if calls[0] == 4:
+                raise PhysicsError("simulated instability")
+            return step(action)
+
+        raw.step = unstable_step
+        td = env.rollout(10, break_when_any_done=False)
+        errors = td["next", "physics_error"].squeeze(-1)
+        assert errors.tolist() == [False] * 3 + [True] + [False] * 6
+        assert td["next", "truncated"][3].item() and not td["next", "terminated"][3].item()
+        assert td["next", "reward"][3].item() == 0.0
+        # the faulty step returned the last valid observation, then a reset followed
+        torch.testing.assert_close(td["next", "observation"][3], td["next", "observation"][2])
+        assert td["step_count"][4].item() == 0 and td["is_init"][4].item()
+
+
+class TestRunningObservationNorm:
+    def test_merged_batches_equal_one_batch(self):
+        data = torch.randn(1000, 3, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1]) + 7
+        norm = RunningObservationNorm(3)
+        for chunk in data.split([1, 299, 700]):
+            norm.update(chunk)
+        torch.testing.assert_close(norm.mean, data.mean(0))
+        torch.testing.assert_close(norm.var, data.var(0, correction=0))
+        assert norm.count.item() == 1000
+        out = norm(data.float())
+        torch.testing.assert_close(out.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+        torch.testing.assert_close(out.std(0, correction=0), torch.ones(3), atol=1e-4, rtol=0)
+
+    def test_forward_clips_and_keeps_dtype(self):
+        norm = RunningObservationNorm(2, clip=5.0)
+        norm.update(torch.tensor([[0.0, 0.0], [2.0, 2.0]]))
+        out = norm(torch.tensor([[100.0, -100.0]]))
+        assert out.dtype == torch.float32
+        assert out.tolist() == [[5.0, -5.0]]
+
+    def test_statistics_are_saved_with_the_state_dict(self):
+        norm = RunningObservationNorm(2)
+        norm.update(torch.randn(10, 2))
+        other = RunningObservationNorm(2)
+        other.load_state_dict(norm.state_dict())
+        torch.testing.assert_close(other.mean, norm.mean)
+        assert other.count.item() == 10
+
+
+if __name__ == "__main__":
+    pytest.main([__file__])
+
+
+def _normalised_actor(obs_dim, act_dim):
+    from tensordict.nn import NormalParamExtractor, TensorDictModule
+    from torch import nn
+    from torchrl.modules import ProbabilisticActor, TanhNormal
+
+    norm = RunningObservationNorm(obs_dim)
+    net = nn.Sequential(norm, nn.Linear(obs_dim, 2 * act_dim), NormalParamExtractor())
+    actor = ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        distribution_class=TanhNormal,
+        return_log_prob=True,
+    )
+    return actor, norm
+
+
+@pytest.mark.timeout(120)
+def test_normaliser_statistics_reach_collector_workers():
+    import functools
+
+    from torchrl.collectors import MultiSyncCollector
+
+    env_fn = functools.partial(make_env, "cartpole-balance", num_envs=2)
+    actor, norm = _normalised_actor(5, 1)
+    collector = MultiSyncCollector(
+        [env_fn, env_fn], actor, frames_per_batch=64, total_frames=-1,
+        auto_register_policy_transforms=False,
+    )
+    try:
+        batches = iter(collector)
+        stale = norm.mean.clone(), norm.var.clone()
+        next(batches)
+        norm.update(torch.randn(256, 5, generator=torch.Generator().manual_seed(0)) * 2 + 0.5)
+        collector.update_policy_weights_()
+        data = next(batches)
+    finally:
+        collector.shutdown()
+
+    def log_prob():
+        with torch.no_grad():
+            return actor.get_dist(data.select("observation")).log_prob(data["action"])
+
+    # away from tanh saturation, where float32 log-probs are exact enough to compare
+    inside = data["action"].abs().squeeze(-1) < 0.95
+    assert inside.sum() > 16
+    # the workers sampled with the updated statistics: the ratio is 1
+    torch.testing.assert_close(log_prob()[inside], data["action_log_prob"][inside])
+    norm.mean.copy_(stale[0]), norm.var.copy_(stale[1])
+    assert not torch.allclose(log_prob()[inside], data["action_log_prob"][inside])

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import csv
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "dmc_walker.py"
+SMALL = ["--frames-per-batch", "1024", "--num-envs", "4", "--num-workers", "1", "--epochs", "2",
+         "--minibatch-size", "256", "--eval-episodes", "2", "--no-video"]
+
+
+def run_example(*args, timeout=120):
+    return subprocess.run([sys.executable, str(EXAMPLE), *SMALL, *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_curve(out: Path) -> list[dict]:
+    with open(out / "curve.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.timeout(180)
+def test_example_trains_and_writes_its_outputs(tmp_path):
+    start = time.perf_counter()
+    result = run_example("--frames", "4096", "--eval-every", "2048", "--reuse", "1",
+                         "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.perf_counter() - start < 60
+    rows = read_curve(tmp_path)
+    assert [int(r["frames"]) for r in rows] == [1024, 2048, 3072, 4096]
+    assert rows[1]["eval_return"] and rows[-1]["eval_return"]
+    assert all(float(r["lagrange_multiplier"]) == 0.5 for r in rows)  # fixed dual by default
+    assert float(rows[-1]["ratio_var"]) > 0
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert "final evaluation return" in result.stdout
+    scalars = tmp_path / "logs" / "r2vpo-walker-walk-seed0" / "scalars"
+    assert (scalars / "stale1" / "ratio_var.csv").exists()  # per-staleness metrics
+
+
+@pytest.mark.timeout(180)
+def test_ppo_baseline_and_a_gymnasium_env_run_through_the_example(tmp_path):
+    result = run_example("--loss", "ppo", "--env", "Pendulum-v1", "--frames", "2048",
+                         "--eval-every", "2048", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_curve(tmp_path)
+    assert len(rows) == 2 and rows[-1]["lagrange_multiplier"] == ""  # ClipPPOLoss has none
+    assert float(rows[-1]["clip_fraction"]) >= 0
+
+
+@pytest.mark.timeout(240)
+def test_interrupt_and_resume_continue_the_run(tmp_path):
+    cmd = [sys.executable, str(EXAMPLE), *SMALL, "--frames", "1000000", "--dual", "adaptive",
+           "--checkpoint-every", "1024", "--eval-every", "1000000", "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "curve.csv").exists() or len(read_curve(tmp_path)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "checkpoint saved" in stdout, stderr[-3000:]
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    frames = saved["frames"]
+    lam = saved["loss"]["lagrange_multiplier"].item()
+    count = saved["loss"]["actor_network_params.module.0.module.0.count"].item()
+    assert frames >= 2048 and count == frames and lam != 0.5
+
+    result = run_example("--frames", str(frames + 1024), "--dual", "adaptive", "--resume",
+                         "--eval-every", "1000000", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored = re.search(r"resumed at frame (\d+): lambda (\S+), observation count (\d+)",
+                         result.stdout)
+    assert restored is not None, result.stdout
+    assert int(restored.group(1)) == frames
+    assert float(restored.group(2)) == pytest.approx(lam, rel=1e-6)
+    assert int(restored.group(3)) == count
+    frames_seen = [int(r["frames"]) for r in read_curve(tmp_path)]
+    assert frames_seen[-1] == frames + 1024 and frames_seen == sorted(frames_seen)
+    final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    # the normaliser kept its statistics and added the new batch
+    assert final["loss"]["actor_network_params.module.0.module.0.count"].item() == count + 1024

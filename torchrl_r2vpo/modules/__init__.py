@@ -1,0 +1,7 @@
+"""Network building blocks."""
+
+from __future__ import annotations
+
+from torchrl_r2vpo.modules.normalization import RunningObservationNorm
+
+__all__ = ["RunningObservationNorm"]
