@@ -135,6 +135,9 @@ def summarize_sweep(out: Path, task: str, frames: int) -> str:
 # --- throughput -------------------------------------------------------------------------
 
 def _raw_steps(task: str, steps: int, queue) -> None:
+    import os
+
+    os.environ.setdefault("MUJOCO_GL", "disable")  # no renderer needed
     from dm_control import suite
 
     domain, name = task.split("-", 1)

@@ -212,7 +212,11 @@ def main(cfg: Config) -> dict:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    gl_problem = select_mujoco_gl() if cfg.video else None  # before MuJoCo is imported
+    gl_problem = None  # before MuJoCo is imported: a renderer for the video, or none at all
+    if cfg.video:
+        gl_problem = select_mujoco_gl()
+    else:
+        os.environ.setdefault("MUJOCO_GL", "disable")
 
     # --- environments, networks, loss ---------------------------------------------------
     eval_env = make_env(cfg.env, num_envs=cfg.eval_episodes, seed=cfg.seed + 10_000)
@@ -252,10 +256,15 @@ def main(cfg: Config) -> dict:
     if frames == 0 and curve_path.exists():
         curve_path.unlink()
 
-    logger = get_logger(cfg.logger, logger_name=str(out / "logs"),
-                        experiment_name=f"{cfg.loss}-{cfg.env}-seed{cfg.seed}",
-                        state_dict=logger_state,
-                        wandb_kwargs={"config": dataclasses.asdict(cfg), "project": "torchrl_r2vpo"})
+    try:
+        logger = get_logger(cfg.logger, logger_name=str(out / "logs"),
+                            experiment_name=f"{cfg.loss}-{cfg.env}-seed{cfg.seed}",
+                            state_dict=logger_state,
+                            wandb_kwargs={"config": dataclasses.asdict(cfg),
+                                          "project": "torchrl_r2vpo"})
+    except ImportError as err:
+        raise SystemExit(f"--logger {cfg.logger} needs its package: pip install {cfg.logger} "
+                         f"({err})") from err
     collector = None
     if frames < cfg.frames:  # a resumed run starts fresh episodes, seeded by its version
         collector = make_collector(cfg, actor, cfg.frames - frames, seed=cfg.seed + 1000 * version)

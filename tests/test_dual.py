@@ -17,20 +17,26 @@ from torchrl.trainers import DefaultOptimizationStepper, Trainer
 from torchrl_r2vpo import DualVariableScheduler, DualVariableSchedulerHook, R2VPOLoss
 
 
-def make_loss(**kwargs):
-    actor = ProbabilisticActor(
+def make_actor(spec=None, bound=1.0):
+    """A TanhNormal policy over a 1-D action in [-bound, bound], from a 3-D observation."""
+    return ProbabilisticActor(
         TensorDictModule(
             nn.Sequential(nn.Linear(3, 2), NormalParamExtractor()),
             in_keys=["observation"],
             out_keys=["loc", "scale"],
         ),
         in_keys=["loc", "scale"],
+        spec=spec,
         distribution_class=TanhNormal,
+        distribution_kwargs={"low": -bound, "high": bound},
         return_log_prob=True,
     )
+
+
+def make_loss(**kwargs):
     kwargs.setdefault("ratio_var_target", 0.02)
     kwargs.setdefault("lagrange_multiplier", 1.0)
-    return R2VPOLoss(actor, **kwargs)
+    return R2VPOLoss(make_actor(), **kwargs)
 
 
 def lam(loss):
@@ -205,18 +211,7 @@ def make_pendulum_trainer(interval, total_frames=256, **trainer_kwargs):
     torch.manual_seed(0)
     env = GymEnv("Pendulum-v1")
     env.set_seed(0)
-    actor = ProbabilisticActor(
-        TensorDictModule(
-            nn.Sequential(nn.Linear(3, 2), NormalParamExtractor()),
-            in_keys=["observation"],
-            out_keys=["loc", "scale"],
-        ),
-        in_keys=["loc", "scale"],
-        spec=env.action_spec,
-        distribution_class=TanhNormal,
-        distribution_kwargs={"low": -2.0, "high": 2.0},
-        return_log_prob=True,
-    )
+    actor = make_actor(env.action_spec, bound=2.0)
     critic = ValueOperator(nn.Linear(3, 1), in_keys=["observation"])
     # a target far below what four large steps produce: lambda must rise
     loss = R2VPOLoss(actor, critic, ratio_var_target=1e-6, lagrange_multiplier=0.5)

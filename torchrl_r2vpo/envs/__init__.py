@@ -1,4 +1,4 @@
-"""Environments: continuous control (DeepMind Control, gymnasium)."""
+"""Environments: continuous control (DeepMind Control, gymnasium) and math problems."""
 
 from __future__ import annotations
 
@@ -9,10 +9,24 @@ from torchrl_r2vpo.envs.control import (
     record_rollout_gif,
     select_mujoco_gl,
 )
+from torchrl_r2vpo.envs.math_data import generate_problems, load_hf_math, MathProblem
+from torchrl_r2vpo.envs.math_reward import (
+    answers_match,
+    extract_answer,
+    math_reward,
+    normalize_answer,
+)
 
 __all__ = [
     "FaultTolerantDMControlEnv",
+    "MathProblem",
+    "answers_match",
+    "extract_answer",
+    "generate_problems",
+    "load_hf_math",
     "make_env",
+    "math_reward",
+    "normalize_answer",
     "parse_env_name",
     "record_rollout_gif",
     "select_mujoco_gl",

@@ -278,10 +278,13 @@ class DualVariableSchedulerHook(TrainerHookBase):
     loss module. Like :class:`~torchrl.trainers.LRSchedulerHook`, it skips a
     call when no optimisation step has run since the previous one.
 
-    Examples:
-        >>> from torchrl_r2vpo import DualVariableScheduler, DualVariableSchedulerHook
-        >>> hook = DualVariableSchedulerHook(DualVariableScheduler(loss, lr=1.0))  # doctest: +SKIP
-        >>> hook.register(trainer)  # doctest: +SKIP
+    Example, with ``loss`` an :class:`~torchrl_r2vpo.R2VPOLoss` and ``trainer`` a
+    :class:`~torchrl.trainers.Trainer` built on it (``tests/test_dual.py`` runs
+    this on Pendulum)::
+
+        hook = DualVariableSchedulerHook(DualVariableScheduler(loss, lr=1.0))
+        hook.register(trainer)
+        trainer.train()
     """
 
     def __init__(

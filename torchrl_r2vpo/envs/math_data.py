@@ -1,0 +1,156 @@
+"""Math problems for RL fine-tuning: an offline seeded generator and Hugging Face loaders.
+
+:func:`generate_problems` needs no network: arithmetic (difficulty 1 and 2) and short
+word problems (difficulty 3) with exact answers. A question belongs to the train or test
+split by a stable SHA-256 hash of its text (80/20), so the splits never share a question
+whatever the seed. :func:`load_hf_math` reads GSM8K or MATH with the ``datasets`` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
+
+from torchrl_r2vpo.envs.math_reward import extract_answer
+
+__all__ = ["MathProblem", "generate_problems", "load_hf_math"]
+
+_TRAIN_PERCENT = 80
+_NAMES = ("Alice", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro")
+
+
+@dataclass(frozen=True)
+class MathProblem:
+    """A question with its canonical answer (``"42"``, ``"-7"``, ``"3/4"``) and difficulty."""
+
+    question: str
+    answer: str
+    difficulty: int
+
+
+def generate_problems(
+    n: int,
+    *,
+    split: Literal["train", "test"] = "train",
+    difficulty: int | Sequence[int] = (1, 2, 3),
+    seed: int = 0,
+) -> list[MathProblem]:
+    """Generates ``n`` problems of one split, deterministically for given arguments.
+
+    Difficulty 1 is one operation on numbers up to 20 (division may give a fraction),
+    2 is two operations on numbers up to 50 with precedence or parentheses, 3 is a
+    short word problem with an integer answer. Questions may repeat within a split.
+
+    Examples:
+        >>> problems = generate_problems(3, difficulty=1, seed=0)
+        >>> len(problems), problems == generate_problems(3, difficulty=1, seed=0)
+        (3, True)
+        >>> problems[0].question.startswith("What is "), problems[0].difficulty
+        (True, 1)
+    """
+    levels = (difficulty,) if isinstance(difficulty, int) else tuple(difficulty)
+    if n < 0 or split not in ("train", "test") or not levels or set(levels) - {1, 2, 3}:
+        raise ValueError(f"bad arguments: n={n}, split={split!r}, difficulty={difficulty!r}")
+    rng = random.Random(seed)
+    problems: list[MathProblem] = []
+    while len(problems) < n:
+        level = rng.choice(levels)
+        question, answer = _GENERATORS[level](rng)
+        if _split_of(question) == split:
+            problems.append(MathProblem(question, _canonical(answer), level))
+    return problems
+
+
+def _split_of(question: str) -> str:
+    bucket = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") % 100
+    return "train" if bucket < _TRAIN_PERCENT else "test"
+
+
+def _canonical(value: Fraction | int) -> str:
+    value = Fraction(value)
+    return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+
+
+def _apply(a: Fraction | int, op: str, b: Fraction | int) -> Fraction:
+    a, b = Fraction(a), Fraction(b)
+    return {"+": a + b, "-": a - b, "*": a * b}[op] if op != "/" else a / b
+
+
+def _level1(rng: random.Random) -> tuple[str, Fraction]:
+    a, b, op = rng.randint(1, 20), rng.randint(1, 20), rng.choice("+-*/")
+    return f"What is {a} {op} {b}?", _apply(a, op, b)
+
+
+def _level2(rng: random.Random) -> tuple[str, Fraction]:
+    a, b, c = (rng.randint(2, 50) for _ in range(3))
+    op1, op2 = rng.choice("+-*"), rng.choice("+-*")
+    if rng.random() < 0.3:
+        return f"What is ({a} {op1} {b}) {op2} {c}?", _apply(_apply(a, op1, b), op2, c)
+    if op2 == "*" and op1 != "*":  # precedence: a + b * c
+        value = _apply(a, op1, b * c)
+    else:
+        value = _apply(_apply(a, op1, b), op2, c)
+    return f"What is {a} {op1} {b} {op2} {c}?", value
+
+
+def _level3(rng: random.Random) -> tuple[str, int]:
+    name, kind = rng.choice(_NAMES), rng.randrange(4)
+    if kind == 0:
+        has, bought = rng.randint(3, 40), rng.randint(1, 30)
+        sold = rng.randint(1, has + bought)
+        question = f"{name} has {has} apples, buys {bought} more and then sells {sold}."
+        return f"{question} How many apples does {name} have now?", has + bought - sold
+    if kind == 1:
+        speed, hours = rng.randint(20, 120), rng.randint(2, 9)
+        question = f"A train travels at {speed} km/h for {hours} hours."
+        return f"{question} How many kilometres does it travel?", speed * hours
+    if kind == 2:
+        friends, each = rng.randint(2, 12), rng.randint(1, 25)
+        question = f"{name} shares {friends * each} marbles equally among {friends} friends."
+        return f"{question} How many marbles does each friend get?", each
+    count, price = rng.randint(1, 12), rng.randint(1, 15)
+    bill = next(b for b in (10, 20, 50, 100, 200) if b >= count * price)
+    question = f"{name} buys {count} pens at ${price} each and pays with a ${bill} bill."
+    return f"{question} How many dollars of change does {name} get?", bill - count * price
+
+
+_GENERATORS = {1: _level1, 2: _level2, 3: _level3}
+
+
+def load_hf_math(name: Literal["gsm8k", "math"], split: str = "train") -> list[MathProblem]:
+    """Loads GSM8K (``openai/gsm8k``) or MATH (``DigitalLearningGmbH/MATH-lighteval``).
+
+    Needs network access and ``pip install datasets``. GSM8K answers are the text after
+    ``####`` (difficulty 0: unrated); MATH answers are the last ``\\boxed{}`` of the
+    solution and the difficulty is its level (1-5). MATH rows without one are skipped.
+
+    Example (with network access)::
+
+        problems = load_hf_math("gsm8k", split="test")
+        problems[0].answer  # '18'
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("load_hf_math needs the `datasets` package: pip install datasets") from err
+    if name == "gsm8k":
+        rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+        return [MathProblem(r["question"], _gsm8k_answer(r["answer"]), 0) for r in rows]
+    if name != "math":
+        raise ValueError(f"unknown dataset {name!r}; expected 'gsm8k' or 'math'")
+    rows = datasets.load_dataset("DigitalLearningGmbH/MATH-lighteval", split=split)
+    problems = []
+    for row in rows:
+        answer, level = extract_answer(row["solution"]), re.search(r"\d+", str(row.get("level", "")))
+        if answer is not None and re.search(r"\\(?:boxed|fbox)\s*\{", row["solution"]):
+            problems.append(MathProblem(row["problem"], answer, int(level[0]) if level else 0))
+    return problems
+
+
+def _gsm8k_answer(solution: str) -> str:
+    return solution.split("####")[-1].strip().replace(",", "")
