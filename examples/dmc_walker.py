@@ -87,8 +87,8 @@ def parse_args(argv=None) -> Config:
         if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         else:
-            parser.add_argument(flag, type=eval(field.type), default=field.default,
-                                choices=CHOICES.get(field.name))
+            parser.add_argument(flag, type={"int": int, "float": float, "str": str}[field.type],
+                                default=field.default, choices=CHOICES.get(field.name))
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -127,7 +127,9 @@ def make_loss(cfg: Config, actor, critic):
 
 def make_collector(cfg: Config, actor, total_frames: int, seed: int):
     env_fn = functools.partial(make_env, cfg.env, num_envs=cfg.num_envs)
-    kwargs = dict(frames_per_batch=cfg.frames_per_batch, total_frames=total_frames,
+    batches = math.ceil(total_frames / cfg.frames_per_batch)  # whole batches only
+    kwargs = dict(frames_per_batch=cfg.frames_per_batch,
+                  total_frames=batches * cfg.frames_per_batch,
                   auto_register_policy_transforms=False)
     if cfg.num_workers > 1:  # each worker steps its own batch of environments
         collector = MultiSyncCollector([env_fn] * cfg.num_workers, actor, **kwargs)
