@@ -15,6 +15,7 @@ logger's files, and ``policy.gif`` where MuJoCo can render offscreen.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import functools
@@ -145,7 +146,8 @@ def evaluate(env, actor) -> float:
         rollout = env.rollout(100_000, actor, break_when_any_done=False,
                               break_when_all_done=True)
     done = rollout["next", "done"].squeeze(-1)  # [episodes, T]
-    first_done = done.int().argmax(-1, keepdim=True)
+    last = torch.full_like(done[:, :1], done.shape[-1] - 1, dtype=torch.long)
+    first_done = torch.where(done.any(-1, keepdim=True), done.int().argmax(-1, keepdim=True), last)
     returns = rollout["next", "episode_reward"].squeeze(-1).gather(-1, first_done)
     return returns.mean().item()
 
@@ -165,7 +167,7 @@ def ratio_stats_by_staleness(loss, stored: TensorDict, version: int) -> dict[str
     return stats
 
 
-def save_checkpoint(path: Path, **state) -> None:
+def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: an interruption never leaves a torn checkpoint
@@ -238,7 +240,7 @@ def main(cfg: Config) -> dict:
     frames, version, logger_state = 0, 0, None
     if cfg.resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
-        for key in ("env", "loss"):
+        for key in ("env", "loss", "reuse", "num_envs", "num_workers", "frames_per_batch"):
             if ckpt["config"][key] != getattr(cfg, key):
                 raise ValueError(f"--resume: the checkpoint has {key}={ckpt['config'][key]!r}, "
                                  f"not {getattr(cfg, key)!r}")
@@ -255,8 +257,13 @@ def main(cfg: Config) -> dict:
               f"observation count {int(obs_norm.count)}")
     elif cfg.resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
-    if frames == 0 and curve_path.exists():
-        curve_path.unlink()
+    if curve_path.exists():  # keep the rows the checkpoint covers: the curve continues from it
+        with open(curve_path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["frames"]) <= frames]
+        with open(curve_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, CURVE_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
 
     try:
         logger = get_logger(cfg.logger, logger_name=str(out / "logs"),
@@ -273,13 +280,17 @@ def main(cfg: Config) -> dict:
     else:
         print(f"nothing to train: {frames} frames done, --frames {cfg.frames}")
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, config=dataclasses.asdict(cfg), frames=frames, version=version,
-                        loss=loss.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict() if scheduler is not None else None,
-                        history=history.state_dict(), logger=logger.state_dict(),
-                        rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                             "python": random.getstate()})
+    def snapshot() -> dict:
+        """The whole training state, copied: taken after each batch, saved as a checkpoint."""
+        return copy.deepcopy(dict(
+            config=dataclasses.asdict(cfg), frames=frames, version=version,
+            loss=loss.state_dict(), optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            history=history.state_dict(), logger=logger.state_dict(),
+            rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                 "python": random.getstate()}))
+
+    last_state = snapshot()
 
     # --- training loop ------------------------------------------------------------------
     pbar = tqdm(total=cfg.frames, initial=frames, unit="frames", dynamic_ncols=True)
@@ -341,16 +352,18 @@ def main(cfg: Config) -> dict:
                 if f.tell() == 0:
                     writer.writeheader()
                 writer.writerow(row)
+            last_state = snapshot()
             if frames // cfg.checkpoint_every > last_ckpt or frames >= cfg.frames:
                 last_ckpt = frames // cfg.checkpoint_every
-                checkpoint()
+                save_checkpoint(ckpt_path, last_state)
             pbar.update(data.numel())
             pbar.set_postfix(fps=row["fps"], ret=row["train_return"] or "-",
                              eval=f"{eval_return:.1f}", lam=row["lagrange_multiplier"] or "-",
                              var=f"{row['ratio_var']:.4f}" if row["ratio_var"] != "" else "-")
             iteration_start = time.perf_counter()
-    except KeyboardInterrupt:
-        checkpoint()
+    except KeyboardInterrupt:  # save the state after the last complete batch, not a half update
+        save_checkpoint(ckpt_path, last_state)
+        frames = last_state["frames"]
         print(f"\ninterrupted at frame {frames}; checkpoint saved, continue with --resume")
         return {"interrupted": True, "frames": frames}
     finally:

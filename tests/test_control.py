@@ -45,6 +45,7 @@ class TestEnvFactory:
             ("cartpole-swingup_sparse", ("cartpole", "swingup_sparse")),
             ("Pendulum-v1", ("Pendulum-v1", None)),
             ("HalfCheetah-v5", ("HalfCheetah-v5", None)),
+            ("dm_control/walker-walk-v0", ("dm_control/walker-walk-v0", None)),
         ],
     )
     def test_parse_env_name(self, name, parsed):

@@ -89,3 +89,7 @@ def test_interrupt_and_resume_continue_the_run(tmp_path):
     final = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     # the normaliser kept its statistics and added the new batch
     assert final["loss"]["actor_network_params.module.0.module.0.count"].item() == count + 1024
+    # a resume that would change the shape of the stored batches is refused, by name
+    bad = run_example("--frames", str(frames + 2048), "--reuse", "1", "--resume",
+                      "--out", str(tmp_path))
+    assert bad.returncode != 0 and "reuse=0" in bad.stderr

@@ -43,9 +43,9 @@ PHYSICS_ERROR_KEY = "physics_error"
 def parse_env_name(name: str) -> tuple[str, str | None]:
     """Splits ``"walker-walk"`` into ``("walker", "walk")``; gymnasium ids give ``(id, None)``.
 
-    A name is a dm_control ``domain-task`` when it has no ``-v<N>`` version suffix
-    and its domain is a dm_control suite domain. Tasks may contain underscores
-    (``cartpole-swingup_sparse``); ``ball_in_cup-catch`` keeps its underscores.
+    A name is a dm_control ``domain-task`` when its domain is a dm_control suite
+    domain (so ``dm_control/walker-walk-v0``, a gymnasium id, stays a gymnasium
+    id). Tasks may contain underscores (``cartpole-swingup_sparse``).
 
     Examples:
         >>> parse_env_name("walker-walk")
@@ -56,10 +56,17 @@ def parse_env_name(name: str) -> tuple[str, str | None]:
         ('HalfCheetah-v5', None)
     """
     domain, sep, task = name.partition("-")
-    if sep and task and not (task.startswith("v") and task[1:].isdigit()):
-        if domain[:1].islower():
-            return domain, task
+    if sep and task and domain in _dm_control_domains():
+        return domain, task
     return name, None
+
+
+def _dm_control_domains() -> set[str]:
+    if importlib.util.find_spec("dm_control") is None:
+        return set()
+    from dm_control import suite
+
+    return {domain for domain, _ in suite.ALL_TASKS}
 
 
 class _PhysicsFaultGuard:

@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 from tensordict import is_tensor_collection, TensorDict, TensorDictBase
 from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
-from tensordict.utils import NestedKey
 from torchrl.modules.distributions.utils import is_dynamo_compiling
 from torchrl.objectives import PPOLoss
 from torchrl.objectives.ppo import (
