@@ -81,15 +81,28 @@ CHOICES = {"loss": ("r2vpo", "ppo"), "dual": ("fixed", "adaptive"),
            "logger": ("csv", "tensorboard", "wandb")}
 
 
+HELP = {"env": "dm_control domain-task (walker-walk, cheetah-run, ...) or a gymnasium id",
+        "frames": "environment frames to train for", "num_envs": "environments per worker",
+        "num_workers": "collector processes", "lagrange_multiplier": "r2vpo: lambda",
+        "ratio_var_target": "r2vpo: delta, the variance target of --dual adaptive",
+        "dual_lr": "r2vpo: dual step size per optimiser step (--dual adaptive)",
+        "reuse": "also train on the previous K batches (stale data)",
+        "out": "directory for the curve, plot, checkpoint, logs and GIF",
+        "resume": "continue from --out/checkpoint.pt", "video": "save a GIF of the policy"}
+
+
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
+        text = HELP.get(field.name, "(default: %(default)s)")
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+                                help=text)
         else:
             parser.add_argument(flag, type={"int": int, "float": float, "str": str}[field.type],
-                                default=field.default, choices=CHOICES.get(field.name))
+                                default=field.default, choices=CHOICES.get(field.name), help=text)
     return Config(**vars(parser.parse_args(argv)))
 
 
