@@ -90,11 +90,11 @@ class R2VPOLoss(PPOLoss):
             ``2 * kl_target``. Exclusive with ``ratio_var_target``.
         lagrange_multiplier (float, optional): the initial multiplier ``lambda``.
             A sample's push stops at ``r - rbar = A / (2 * lambda)``. Defaults
-            to ``0.5``: on walker-walk with ``examples/dmc_walker.py``, ``0.5``
-            held the ratio variance near PPO's usual range (about 0.02, a KL
-            of 0.01) and learned faster than ``2.5`` (the SPO-like value
-            matching a 0.2 clip for unit advantages), which held it near 0.002
-            (see ``benchmarks/README.md``).
+            to ``0.5``: on walker-walk with ``examples/dmc_walker.py`` it held
+            the mean ratio variance at 0.017 (PPO's usual range, a KL near
+            0.01), where ``2.5`` (the SPO-like value matching a 0.2 clip for
+            unit advantages) held it at 0.002 and barely moved the policy;
+            single-seed measurements in ``benchmarks/README.md``.
         variance_center (str, optional): ``"mean"`` (centre on the detached batch
             mean of the ratio) or ``"one"``. Defaults to ``"mean"``.
         diagnostic_clip_epsilon (float, optional): the band ``[1 - eps, 1 + eps]``
