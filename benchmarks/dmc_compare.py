@@ -17,17 +17,16 @@ networks, data path and hyperparameters; only the loss differs.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import multiprocessing as mp
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import first_reach, points, read_curve, run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "dmc_walker.py"
@@ -36,36 +35,12 @@ FIXED_LAMBDAS = [0.5, 1.0, 2.5, 5.0, 10.0]
 ADAPTIVE_TARGETS = [0.005, 0.01, 0.02, 0.05]
 
 
-def read_curve(run_dir: Path) -> list[dict[str, float]]:
-    path = run_dir / "curve.csv"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [{k: float(v) if v != "" else np.nan for k, v in row.items()}
-                for row in csv.DictReader(f)]
-
-
 def run(run_dir: Path, frames: int, args: list[str]) -> None:
-    """Runs (or continues) one training run unless its curve already reaches ``frames``."""
-    curve = read_curve(run_dir)
-    if curve and curve[-1]["frames"] >= frames:
-        return
-    cmd = [sys.executable, str(EXAMPLE), "--frames", str(frames), "--out", str(run_dir),
-           "--resume", "--no-video", *args]
-    print("$", " ".join(cmd[1:]), flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "stdout.log", "a") as log:
-        subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
+    run_example(EXAMPLE, run_dir, "frames", frames, ["--no-video", *args])
 
 
 def eval_points(curve: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
-    points = [(r["frames"], r["eval_return"]) for r in curve if not np.isnan(r["eval_return"])]
-    return np.array([p[0] for p in points]), np.array([p[1] for p in points])
-
-
-def frames_to_reach(frames: np.ndarray, returns: np.ndarray, level: float) -> float:
-    above = np.nonzero(returns >= level)[0]
-    return float(frames[above[0]]) if len(above) else np.nan
+    return points(curve, "frames", "eval_return")
 
 
 def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> str:
@@ -98,7 +73,7 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
             ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
         reach = "-"
         if "r2vpo" in mean_curves and "ppo" in mean_curves:
-            needed = frames_to_reach(*mean_curves["r2vpo"], mean_curves["ppo"][1][-1])
+            needed = first_reach(*mean_curves["r2vpo"], mean_curves["ppo"][1][-1])
             reach = "not reached" if np.isnan(needed) else f"{needed:.0f} ({needed / frames:.0%})"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {reach} |")
         ax.set(title=task, xlabel="frames", ylabel="eval return")

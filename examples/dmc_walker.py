@@ -41,6 +41,7 @@ from torchrl.record.loggers import get_logger
 from tqdm import tqdm
 
 from torchrl_r2vpo import DualVariableScheduler, R2VPOLoss
+from torchrl_r2vpo.collectors import staleness_stats
 from torchrl_r2vpo.envs import make_env, record_rollout_gif, select_mujoco_gl
 from torchrl_r2vpo.modules import RunningObservationNorm
 
@@ -170,14 +171,7 @@ def ratio_stats_by_staleness(loss, stored: TensorDict, version: int) -> dict[str
     with torch.no_grad():
         log_prob, _, _ = loss._get_cur_log_prob(stored.clone(False))
         ratio = (log_prob - stored[loss.tensor_keys.sample_log_prob]).exp()
-    stats = {}
-    age = version - stored["policy_version"]
-    for k in age.unique().tolist():
-        r = ratio[age == k]
-        stats[f"stale{k}/ratio_mean"] = r.mean().item()
-        stats[f"stale{k}/ratio_var"] = r.var(correction=0).item()
-        stats[f"stale{k}/ESS"] = (r.mean() ** 2 / (r**2).mean()).item()
-    return stats
+    return staleness_stats(ratio, version - stored["policy_version"])
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

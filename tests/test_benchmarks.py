@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def load(name):
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their shared helpers
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -43,10 +45,36 @@ def test_report_from_partial_results(tmp_path):
 
 
 @pytest.mark.parametrize("evals, level, expected", [([1, 5, 9], 5, 2000.0), ([1, 2], 5, None)])
-def test_frames_to_reach(evals, level, expected):
+def test_first_reach(evals, level, expected):
     import numpy as np
 
-    dmc = load("dmc_compare")
+    common = load("common")
     frames = np.array([1000.0 * (i + 1) for i in range(len(evals))])
-    got = dmc.frames_to_reach(frames, np.array(evals, dtype=float), level)
+    got = common.first_reach(frames, np.array(evals, dtype=float), level)
     assert (np.isnan(got) and expected is None) or got == expected
+
+
+def write_llm_curve(run_dir: Path, accuracies: list[float], step=128):
+    run_dir.mkdir(parents=True)
+    with open(run_dir / "curve.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["rollouts", "train_reward", "test_accuracy"])
+        writer.writeheader()
+        for i, value in enumerate(accuracies, start=1):
+            writer.writerow({"rollouts": i * step, "train_reward": 0.5,
+                             "test_accuracy": "" if value is None else value})
+
+
+def test_llm_report_from_partial_results(tmp_path):
+    llm = load("llm_compare")
+    write_llm_curve(tmp_path / "grpo" / "seed0", [0.1, None, 0.3, None, 0.5])
+    write_llm_curve(tmp_path / "grpo" / "seed1", [0.1, None, 0.3, None, 0.3])
+    write_llm_curve(tmp_path / "r2vpo" / "seed0", [0.2, None, 0.4, None, 0.6])
+    write_llm_curve(tmp_path / "r2vpo" / "seed1", [0.2, None, 0.4])  # unfinished: left out
+    report = llm.summarize(tmp_path, ["r2vpo", "grpo", "spo"], 640)
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    assert "| 0.400 ± 0.100 | 2 |" in rows["grpo"]
+    assert "| 0.600 ± 0.000 | 1 |" in rows["r2vpo"]
+    # grpo's final mean is 0.4; r2vpo's curve [0.2, 0.4, 0.6] first reaches it at 384 rollouts
+    assert rows["r2vpo"].rstrip(" |").endswith("384 (60%)")
+    assert rows["spo"].count("-") >= 2
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""Environments: continuous control (DeepMind Control, gymnasium) and math problems."""
+"""Environments: continuous control (DeepMind Control, gymnasium), token generation, math problems."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from torchrl_r2vpo.envs.math_reward import (
     math_reward,
     normalize_answer,
 )
+from torchrl_r2vpo.envs.token_mdp import NextTokenActor, sequences_from_rollout, TokenGenerationEnv
 
 __all__ = [
     "FaultTolerantDMControlEnv",
     "MathProblem",
+    "NextTokenActor",
+    "TokenGenerationEnv",
     "answers_match",
     "extract_answer",
     "generate_problems",
@@ -30,4 +33,5 @@ __all__ = [
     "parse_env_name",
     "record_rollout_gif",
     "select_mujoco_gl",
+    "sequences_from_rollout",
 ]

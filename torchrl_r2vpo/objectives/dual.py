@@ -8,7 +8,7 @@ import weakref
 from typing import Any, Literal
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import is_tensor_collection, TensorDictBase
 from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
 from torchrl.trainers import Trainer, TrainerHookBase
@@ -172,7 +172,7 @@ class DualVariableScheduler:
                     f"{type(self.loss_module).__name__} records no "
                     f"{self.last_statistic_name!r}: pass the statistic to step()."
                 )
-        elif isinstance(statistic, TensorDictBase):
+        elif is_tensor_collection(statistic):  # a TensorDict or a tensorclass (LLM losses)
             value = statistic.get(self.statistic_key, None)
             if value is None:
                 raise KeyError(
@@ -196,7 +196,7 @@ class DualVariableScheduler:
 
         Args:
             statistic (float, Tensor or TensorDictBase, optional): the measured
-                ratio variance, or the loss output holding it under
+                ratio variance, or the loss output (TensorDict or tensorclass) holding it under
                 ``statistic_key``. ``None`` reads the last value the loss
                 recorded (``loss.last_ratio_var``).
 

@@ -1,0 +1,98 @@
+"""examples/llm_math.py end to end, in process: every loss, learning, interruption and resume."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchrl_r2vpo import LLM_LOSSES
+from torchrl_r2vpo.modules.math_lm import build_math_lm, build_math_tokenizer
+
+EXAMPLE = Path(__file__).parents[1] / "examples" / "llm_math.py"
+SPEC = importlib.util.spec_from_file_location("llm_math", EXAMPLE)
+llm_math = sys.modules["llm_math"] = importlib.util.module_from_spec(SPEC)  # dataclasses need it
+SPEC.loader.exec_module(llm_math)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()  # the example sets its own (--threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-lm")
+    tokenizer = build_math_tokenizer()
+    build_math_lm(tokenizer, hidden_size=32, seed=0).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def config(out: Path, model: str, **overrides) -> llm_math.Config:
+    small = dict(model=model, out=str(out), num_problems=64, num_test=16, num_prompts=4,
+                 group_size=4, max_new_tokens=6, minibatch_size=32, eval_every=32,
+                 checkpoint_every=32, rollouts=64)
+    return llm_math.Config(**{**small, **overrides})
+
+
+def read_curve(out: Path) -> list[dict]:
+    with open(out / "curve.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("loss", sorted(LLM_LOSSES))
+def test_every_loss_trains_through_the_example(tmp_path, tiny_model, loss):
+    result = llm_math.main(config(tmp_path, tiny_model, loss=loss, rollouts=32, reuse=1))
+    rows = read_curve(tmp_path)
+    assert [int(r["rollouts"]) for r in rows] == [16, 32] and result["rollouts"] == 32
+    assert all(torch.isfinite(torch.tensor(float(r["loss_objective"]))) for r in rows)
+    assert (rows[-1]["lagrange_multiplier"] != "") == (loss == "r2vpo")
+    assert (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "checkpoint.pt").exists()
+    scalars = tmp_path / "logs" / f"{loss}-seed0" / "scalars"
+    assert (scalars / "stale1" / "ratio_var.csv").exists()  # the reused batch, one update old
+
+
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, tiny_model):
+    straight = llm_math.main(config(tmp_path / "a", tiny_model, reuse=1, kl_to_ref=0.1))
+    llm_math.main(config(tmp_path / "b", tiny_model, reuse=1, kl_to_ref=0.1, rollouts=32))
+    resumed = llm_math.main(config(tmp_path / "b", tiny_model, reuse=1, kl_to_ref=0.1, resume=True))
+    a, b = read_curve(tmp_path / "a"), read_curve(tmp_path / "b")
+    assert [int(r["rollouts"]) for r in b] == [16, 32, 48, 64]
+    for key in ("train_reward", "lagrange_multiplier", "ratio_var", "kl_to_ref", "test_accuracy"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert resumed["final_accuracy"] == straight["final_accuracy"]
+
+
+def test_ctrl_c_saves_the_last_complete_iteration(tmp_path, tiny_model, monkeypatch, capsys):
+    calls = {"n": 0}
+    collect = llm_math.collect_batch
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return collect(*args, **kwargs)
+
+    monkeypatch.setattr(llm_math, "collect_batch", interrupted)
+    result = llm_math.main(config(tmp_path, tiny_model, checkpoint_every=10_000))
+    assert result == {"rollouts": 32, "interrupted": True}
+    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert ckpt["rollouts"] == 32 and ckpt["version"] == 2
+    monkeypatch.setattr(llm_math, "collect_batch", collect)
+    llm_math.main(config(tmp_path, tiny_model, resume=True))
+    lam = float(ckpt["loss"]["lagrange_multiplier"])
+    assert f"resumed at 32 rollouts: lambda {lam:.9g}, 32 stored completions" in capsys.readouterr().out
+    assert [int(r["rollouts"]) for r in read_curve(tmp_path)] == [16, 32, 48, 64]
+
+
+def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
+    llm_math.main(config(tmp_path, tiny_model, rollouts=16))
+    with pytest.raises(ValueError, match="reuse=2"):
+        llm_math.main(config(tmp_path, tiny_model, reuse=0, resume=True))

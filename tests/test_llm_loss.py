@@ -1,0 +1,628 @@
+"""Tests of the token-level R2VPO loss, its LLM baselines and exact accumulation.
+
+The model tests build a tiny Qwen2 and a character tokenizer in code (offline),
+score it through TorchRL's ``TransformersWrapper`` and feed the project's
+sequence-batch layout: left-padded prompts, right-padded responses, masks over
+the response tokens up to and including EOS, behaviour log-probs that are 0
+outside the response, and one advantage per sequence.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from tensordict import TensorDict
+from torchrl.objectives.llm import CISPOLoss, DAPO, GRPOLoss
+
+from torchrl_r2vpo import DualVariableScheduler
+from torchrl_r2vpo.objectives.llm import (
+    CISPOLLMLoss,
+    DAPOLLMLoss,
+    GPPOLLMLoss,
+    GRPOLLMLoss,
+    LLM_LOSSES,
+    make_llm_loss,
+    merge_ratio_stats,
+    R2VPOLLMLoss,
+    R2VPOLLMLossOutput,
+    SPOLLMLoss,
+    TOPRLLMLoss,
+)
+
+PAD, BOS, EOS = 0, 1, 2
+CHARS = "abcdefghijklmnopqrstuvwxyz0123456789"
+PROMPT_WIDTH, RESPONSE_WIDTH = 5, 7
+
+
+# ------------------------------------------------------------------ model and data
+
+
+@pytest.fixture(scope="module")
+def actor():
+    pytest.importorskip("transformers")
+    from tokenizers import models, pre_tokenizers, Tokenizer
+    from torchrl.modules.llm import TransformersWrapper
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    vocab = {"<pad>": PAD, "<bos>": BOS, "<eos>": EOS, "<unk>": 3}
+    vocab.update({c: i + 4 for i, c in enumerate(CHARS)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+    config = Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+    )
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).eval()
+    return TransformersWrapper(
+        model,
+        tokenizer=tokenizer,
+        input_mode="tokens",
+        generate=False,
+        return_log_probs=True,
+        pad_output=True,
+    )
+
+
+def current_log_probs(actor, data):
+    """The actor's log-prob of each token, 0 outside the response (no grad)."""
+    scorer = GRPOLoss(actor, masking_strategy="rlhf", entropy_bonus=False)
+    with torch.no_grad():
+        log_prob, _, _ = scorer._get_cur_log_prob(data.copy())
+    return torch.where(data["masks", "all_assistant_mask"], log_prob, 0.0)
+
+
+def make_batch(actor, n=6, staleness=0.3, seed=0):
+    """A sequence batch whose behaviour log-probs are the actor's plus noise (r != 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt_len = torch.randint(1, PROMPT_WIDTH + 1, (n,), generator=gen)
+    response_len = torch.randint(1, RESPONSE_WIDTH + 1, (n,), generator=gen)  # incl. EOS
+    response_len[0] = RESPONSE_WIDTH  # one sequence fills the width
+    prompt = torch.full((n, PROMPT_WIDTH), PAD)
+    response = torch.full((n, RESPONSE_WIDTH), PAD)
+    for i in range(n):
+        p, r = int(prompt_len[i]), int(response_len[i])
+        prompt[i, PROMPT_WIDTH - p :] = torch.randint(4, 4 + len(CHARS), (p,), generator=gen)
+        response[i, : r - 1] = torch.randint(4, 4 + len(CHARS), (r - 1,), generator=gen)
+        response[i, r - 1] = EOS
+    prompt_mask = torch.arange(PROMPT_WIDTH) >= (PROMPT_WIDTH - prompt_len)[:, None]
+    response_mask = torch.arange(RESPONSE_WIDTH) < response_len[:, None]
+    data = TensorDict(
+        {
+            ("tokens", "prompt"): prompt,
+            ("tokens", "response"): response,
+            ("tokens", "full"): torch.cat([prompt, response], -1),
+            ("masks", "all_attention_mask"): torch.cat([prompt_mask, response_mask], -1),
+            ("masks", "all_assistant_mask"): torch.cat(
+                [torch.zeros_like(prompt_mask), response_mask], -1
+            ),
+            "advantage": torch.randn(n, 1, 1, generator=gen),
+        },
+        [n],
+    )
+    noise = staleness * torch.randn(data["tokens", "full"].shape, generator=gen)
+    behaviour = current_log_probs(actor, data) + noise
+    data["log_probs", "full"] = torch.where(data["masks", "all_assistant_mask"], behaviour, 0.0)
+    return data
+
+
+def ratio_and_mask(data, actor):
+    """The current/behaviour ratio over [N, L] and the response mask, recomputed here."""
+    mask = data["masks", "all_assistant_mask"]
+    log_ratio = current_log_probs(actor, data) - data["log_probs", "full"]
+    return torch.where(mask, log_ratio.exp(), 1.0), mask
+
+
+def total(out):
+    return sum(v for k, v in out.to_tensordict().items() if k.startswith("loss_"))
+
+
+def grads(actor):
+    return [p.grad.clone() for p in actor.parameters()]
+
+
+def backward_grads(actor, fn):
+    actor.zero_grad()
+    fn()
+    return grads(actor)
+
+
+class LeafLogProb:
+    """Replaces the current log-prob by a leaf tensor, to read d loss / d log pi."""
+
+    def _get_cur_log_prob(self, tensordict):
+        log_prob, dist, is_composite = super()._get_cur_log_prob(tensordict)
+        self.leaf = log_prob.detach().requires_grad_(True)
+        return self.leaf, dist, is_composite
+
+
+class LeafR2VPOLLMLoss(LeafLogProb, R2VPOLLMLoss):
+    pass
+
+
+# ---------------------------------------------------------------- layout and masks
+
+
+class TestLayout:
+    @pytest.mark.parametrize("strategy", ["sft", "rlhf"])
+    def test_strategy_masks_exactly_the_response(self, actor, strategy):
+        data = make_batch(actor)
+        loss = R2VPOLLMLoss(actor, masking_strategy=strategy, entropy_bonus=False)
+        _, _, _, mask = loss._log_weight(data.copy(), data["advantage"].shape[:-1])
+        assert torch.equal(mask, data["masks", "all_assistant_mask"])
+        assert torch.equal(loss.token_mask(data), mask)
+
+    def test_generic_also_scores_the_prompt(self, actor):
+        data = make_batch(actor)
+        loss = R2VPOLLMLoss(actor, masking_strategy="generic", entropy_bonus=False)
+        _, _, _, mask = loss._log_weight(data.copy(), data["advantage"].shape[:-1])
+        assert torch.equal(mask, loss.token_mask(data))
+        assert torch.equal(mask, data["masks", "all_attention_mask"])
+
+    def test_sft_and_rlhf_give_the_same_loss(self, actor):
+        data = make_batch(actor)
+        out = {
+            s: R2VPOLLMLoss(actor, masking_strategy=s, lagrange_multiplier=1.0)(data)
+            for s in ("sft", "rlhf")
+        }
+        for key in ("loss_objective", "loss_ratio_var", "loss_entropy", "ratio_var"):
+            torch.testing.assert_close(out["sft"].get(key), out["rlhf"].get(key))
+
+    def test_count_tokens_drops_non_finite_behaviour_log_probs(self, actor):
+        data = make_batch(actor)
+        n = int(data["masks", "all_assistant_mask"].sum())
+        data["log_probs", "full"][0, PROMPT_WIDTH + 1] = float("nan")
+        loss = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False)
+        assert int(loss.count_tokens(data)) == n - 1
+        assert int(loss(data).num_tokens) == n - 1
+
+
+# ----------------------------------------------------------------- R2VPO identities
+
+
+class TestR2VPOLLM:
+    @pytest.mark.parametrize("aggregation", ["token_mean", "prompt_mean"])
+    def test_lambda_zero_is_grpo_unclipped(self, actor, aggregation):
+        data = make_batch(actor)
+        kw = dict(masking_strategy="rlhf", entropy_bonus=False, aggregation=aggregation)
+        r2 = R2VPOLLMLoss(actor, lagrange_multiplier=0.0, **kw)
+        wide = (0.999999, 1e6)
+        for baseline in (GRPOLoss(actor, clip_epsilon=wide, **kw), CISPOLoss(actor, clip_epsilon=wide, **kw)):
+            out_r2 = r2(data)
+            g_r2 = backward_grads(actor, lambda: total(out_r2).backward())
+            out_b = baseline(data)
+            g_b = backward_grads(actor, lambda: out_b.loss_objective.backward())
+            torch.testing.assert_close(out_r2.loss_objective, out_b.loss_objective)
+            torch.testing.assert_close(out_r2.loss_ratio_var, torch.zeros_like(out_r2.loss_ratio_var))
+            for a, b in zip(g_r2, g_b):
+                torch.testing.assert_close(a, b)
+        # and explicitly -mean(r A)
+        r, mask = ratio_and_mask(data, actor)
+        per_token = -r * data["advantage"].squeeze(-1)
+        if aggregation == "token_mean":
+            expected = per_token[mask].mean()
+        else:
+            expected = (torch.where(mask, per_token, 0).sum(-1) / mask.sum(-1)).mean()
+        torch.testing.assert_close(out_r2.loss_objective.reshape(()), expected)
+
+    @pytest.mark.parametrize("center", ["mean", "one"])
+    def test_variance_over_valid_tokens(self, actor, center):
+        data = make_batch(actor)
+        loss = R2VPOLLMLoss(actor, lagrange_multiplier=3.0, variance_center=center,
+                            masking_strategy="rlhf", entropy_bonus=False)
+        out = loss(data)
+        r, mask = ratio_and_mask(data, actor)
+        valid = r[mask]
+        rbar = valid.mean() if center == "mean" else torch.tensor(1.0)
+        expected = ((valid - rbar) ** 2).mean()
+        assert expected > 1e-2  # the penalty is exercised
+        torch.testing.assert_close(out.ratio_var, expected)
+        torch.testing.assert_close(out.loss_ratio_var.reshape(()), 3.0 * expected)
+        torch.testing.assert_close(loss.last_ratio_var, expected)
+        torch.testing.assert_close(out.mean_ratio, valid.mean())
+        torch.testing.assert_close(out.max_ratio, valid.max())
+        assert int(out.num_tokens) == int(mask.sum())
+        torch.testing.assert_close(out.ratio_sum, valid.double().sum())
+        torch.testing.assert_close(out.ratio_sq_sum, (valid.double() ** 2).sum())
+        # the padded ratio is 1 at masked tokens: a variance over all positions differs
+        assert not torch.isclose(out.ratio_var, ((r - r.mean()) ** 2).mean())
+
+    def test_masked_tokens_do_not_matter(self, actor):
+        data = make_batch(actor)
+        loss = R2VPOLLMLoss(actor, lagrange_multiplier=1.0, masking_strategy="rlhf")
+        out = loss(data)
+        # garbage behaviour log-probs outside the response
+        garbage = data.clone()
+        outside = ~data["masks", "all_assistant_mask"]
+        garbage["log_probs", "full"] = torch.where(outside, torch.randn(outside.shape) * 5,
+                                                   data["log_probs", "full"])
+        # two more pad columns after every response
+        n = data.shape[0]
+        padded = data.clone()
+        for key, fill in ((("tokens", "full"), PAD), (("masks", "all_attention_mask"), False),
+                          (("masks", "all_assistant_mask"), False), (("log_probs", "full"), 0.0)):
+            value = data[key]
+            padded[key] = None
+            padded.set(key, torch.cat([value, torch.full((n, 2), fill, dtype=value.dtype)], -1))
+        for other in (loss(garbage), loss(padded)):
+            for key in ("ratio_var", "ratio_sum", "num_tokens", "loss_objective",
+                        "loss_ratio_var", "mean_ratio"):
+                torch.testing.assert_close(other.get(key), out.get(key))
+
+    @pytest.mark.parametrize("aggregation", ["token_mean", "prompt_mean"])
+    @pytest.mark.parametrize("lam", [0.0, 0.7, 4.0])
+    def test_gradient_is_the_effective_advantage(self, actor, aggregation, lam):
+        data = make_batch(actor)
+        loss = LeafR2VPOLLMLoss(actor, lagrange_multiplier=lam, masking_strategy="rlhf",
+                                entropy_bonus=False, aggregation=aggregation)
+        total(loss(data)).backward()
+        r, mask = ratio_and_mask(data, actor)
+        advantage = data["advantage"].reshape(-1, 1)
+        rbar = r[mask].mean()
+        if aggregation == "token_mean":
+            weight = torch.full_like(r, 1.0 / mask.sum())
+        else:
+            weight = (1.0 / (mask.sum(-1, keepdim=True) * mask.shape[0])).expand_as(r)
+        expected = -r * weight * (advantage - 2 * lam * (r - rbar))
+        expected = torch.where(mask, expected, 0.0)
+        torch.testing.assert_close(loss.leaf.grad, expected)
+        assert (loss.leaf.grad[~mask] == 0).all()
+
+    def test_reduction_none_keeps_tokens(self, actor):
+        data = make_batch(actor)
+        out = R2VPOLLMLoss(actor, aggregation="none", masking_strategy="rlhf",
+                           lagrange_multiplier=1.0)(data)
+        mask = data["masks", "all_assistant_mask"]
+        assert out.loss_ratio_var.shape == (*mask.shape, 1)
+        assert (out.loss_ratio_var.squeeze(-1)[~mask] == 0).all()
+
+    def test_kl_to_ref(self, actor):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        data["next", "ref_log_probs", "full"] = torch.where(mask, data["log_probs", "full"] - 0.1, 0.0)
+        out = R2VPOLLMLoss(actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf")(data)
+        assert out.kl_to_ref > 0
+        torch.testing.assert_close(out.loss_kl_to_ref, 0.5 * out.kl_to_ref)
+
+    def test_non_finite_raises(self, actor):
+        data = make_batch(actor)
+        data["advantage"][1] = float("nan")
+        with pytest.raises(ValueError, match="advantage"):
+            R2VPOLLMLoss(actor, masking_strategy="rlhf")(data)
+
+    def test_no_valid_token_gives_nan_statistic(self, actor):
+        data = make_batch(actor)
+        data["masks", "all_assistant_mask"] = torch.zeros_like(data["masks", "all_assistant_mask"])
+        out = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False)(data)
+        assert torch.isnan(out.ratio_var) and int(out.num_tokens) == 0
+        assert torch.isfinite(out.loss_objective).all()
+
+
+# ------------------------------------------------------------ gradient accumulation
+
+
+SPLITS = [slice(0, 2), slice(2, 3), slice(3, 6)]
+
+
+def accumulate(loss, data, **kw):
+    outs = []
+    for part in SPLITS:
+        with loss.accumulation(**kw):
+            out = loss(data[part])
+        total(out).backward()
+        outs.append(out)
+    return outs
+
+
+class TestAccumulation:
+    @pytest.mark.parametrize(
+        "name, kwargs",
+        [
+            ("r2vpo", dict(aggregation="token_mean")),
+            ("r2vpo", dict(aggregation="prompt_mean")),
+            ("r2vpo", dict(aggregation="token_mean", kl_to_ref_coeff=0.3)),
+            ("r2vpo", dict(aggregation="token_mean", variance_center="one")),
+            ("grpo", dict(aggregation="token_mean")),
+            ("gppo", dict(aggregation="prompt_mean")),
+        ],
+    )
+    def test_micro_batch_gradients_sum_to_full_batch(self, actor, name, kwargs):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        data["next", "ref_log_probs", "full"] = torch.where(mask, data["log_probs", "full"] - 0.2, 0.0)
+        if name == "r2vpo":
+            kwargs = dict(lagrange_multiplier=2.0, **kwargs)
+        loss = make_llm_loss(name, actor, masking_strategy="rlhf", **kwargs)
+        full_out = loss(data)
+        g_full = backward_grads(actor, lambda: total(full_out).backward())
+
+        centre = None
+        if name == "r2vpo":
+            with torch.no_grad():  # the two-pass recipe for the global centre
+                centre = merge_ratio_stats([loss(data[part]) for part in SPLITS])["ratio_mean"]
+        acc = dict(num_tokens=loss.count_tokens(data), num_sequences=data.shape[0], ratio_mean=centre)
+        actor.zero_grad()
+        outs = accumulate(loss, data, **acc)
+        g_acc = grads(actor)
+        for a, b in zip(g_acc, g_full):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(sum(total(o) for o in outs).detach(), total(full_out).detach())
+
+        # without the global normaliser (a mean of micro-batch means) it differs
+        actor.zero_grad()
+        for part in SPLITS:
+            (total(loss(data[part])) / len(SPLITS)).backward()
+        assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads(actor), g_full))
+
+    def test_centre_matters(self, actor):
+        data = make_batch(actor)
+        loss = R2VPOLLMLoss(actor, lagrange_multiplier=5.0, masking_strategy="rlhf", entropy_bonus=False)
+        g_full = backward_grads(actor, lambda: total(loss(data)).backward())
+        actor.zero_grad()
+        accumulate(loss, data, num_tokens=loss.count_tokens(data))  # each micro-batch centred on itself
+        assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads(actor), g_full))
+
+    def test_merged_variance_is_the_full_batch_variance(self, actor):
+        data = make_batch(actor)
+        loss = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False)
+        full = loss(data)
+        with torch.no_grad():
+            parts = [loss(data[part]) for part in SPLITS]
+        merged = merge_ratio_stats(parts)
+        torch.testing.assert_close(merged["ratio_var"].float(), full.ratio_var)
+        torch.testing.assert_close(merged["ratio_mean"].float(), full.mean_ratio)
+        assert int(merged["num_tokens"]) == int(full.num_tokens)
+        mean_of_means = torch.stack([p.ratio_var for p in parts]).mean()
+        assert not torch.isclose(mean_of_means, full.ratio_var, rtol=1e-3)
+        # with the global centre, the merge is unchanged
+        with loss.accumulation(num_tokens=1, ratio_mean=merged["ratio_mean"]), torch.no_grad():
+            again = merge_ratio_stats([loss(data[part]) for part in SPLITS])
+        torch.testing.assert_close(again["ratio_var"], merged["ratio_var"])
+        ones = merge_ratio_stats(parts, variance_center="one")
+        full_one = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False,
+                                variance_center="one")(data)
+        torch.testing.assert_close(ones["ratio_var"].float(), full_one.ratio_var)
+
+    def test_contract_errors(self, actor):
+        loss = R2VPOLLMLoss(actor, masking_strategy="rlhf")
+        with pytest.raises(ValueError, match="num_tokens"):
+            with loss.accumulation(ratio_mean=1.0):
+                pass
+        with pytest.raises(ValueError, match="num_sequences"):
+            with R2VPOLLMLoss(actor, aggregation="prompt_mean").accumulation(num_tokens=3):
+                pass
+        with pytest.raises(ValueError, match="num_sequences"):
+            with R2VPOLLMLoss(actor, kl_to_ref_coeff=0.1).accumulation(num_tokens=3):
+                pass
+        with pytest.raises(ValueError, match="kl_mask_threshold"):
+            with R2VPOLLMLoss(actor, kl_mask_threshold=0.1).accumulation(num_tokens=3):
+                pass
+        with pytest.raises(ValueError, match="> 0"):
+            with loss.accumulation(num_tokens=0):
+                pass
+        with loss.accumulation(num_tokens=3):
+            with pytest.raises(RuntimeError, match="nested"):
+                with loss.accumulation(num_tokens=3):
+                    pass
+        assert loss._accumulation is None
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 6), min_size=1, max_size=5),
+    seed=st.integers(0, 2**16),
+    center=st.sampled_from(["mean", "one"]),
+)
+def test_merge_ratio_stats_any_split(sizes, seed, center):
+    gen = torch.Generator().manual_seed(seed)
+    ratios = [torch.rand(n, generator=gen, dtype=torch.float64) * 2 for n in sizes]
+    stats = [{"ratio_sum": r.sum(), "ratio_sq_sum": (r**2).sum(), "num_tokens": torch.tensor(len(r))}
+             for r in ratios]
+    merged = merge_ratio_stats(stats, variance_center=center)
+    allr = torch.cat(ratios)
+    if allr.numel() == 0:
+        assert torch.isnan(merged["ratio_var"])
+        return
+    rbar = allr.mean() if center == "mean" else 1.0
+    torch.testing.assert_close(merged["ratio_var"], ((allr - rbar) ** 2).mean())
+    torch.testing.assert_close(merged["ratio_mean"], allr.mean())
+
+
+# ------------------------------------------------------------------------ baselines
+
+
+def per_token(loss, ratios, advantages):
+    """Value and d value / d log r of a loss's per-token objective at given ratios."""
+    log_weight = torch.tensor(ratios).log().reshape(-1, 1, 1).requires_grad_(True)
+    advantage = torch.tensor(advantages).reshape(-1, 1, 1)
+    value, clip_fraction = loss._compute_policy_objective(log_weight, advantage)
+    value.sum().backward()
+    return value.detach().flatten(), log_weight.grad.flatten(), clip_fraction
+
+
+RATIOS = [0.5, 0.5, 1.1, 1.1, 1.5, 1.5]
+ADVANTAGES = [1.0, -1.0, 1.0, -1.0, 1.0, -1.0]
+
+
+class TestBaselines:
+    def test_grpo_zero_gradient_where_clipped(self):
+        value, grad, frac = per_token(GRPOLLMLoss(clip_epsilon=0.2), RATIOS, ADVANTAGES)
+        torch.testing.assert_close(value, torch.tensor([-0.5, 0.8, -1.1, 1.1, -1.2, 1.5]))
+        torch.testing.assert_close(grad, torch.tensor([-0.5, 0.0, -1.1, 1.1, 0.0, 1.5]))
+        torch.testing.assert_close(frac, torch.tensor(4 / 6))
+
+    def test_gppo_keeps_a_bounded_gradient_where_grpo_clips(self):
+        grpo_value, _, _ = per_token(GRPOLLMLoss(clip_epsilon=0.2), RATIOS, ADVANTAGES)
+        value, grad, frac = per_token(GPPOLLMLoss(clip_epsilon=0.2), RATIOS, ADVANTAGES)
+        torch.testing.assert_close(value, grpo_value)  # the forward value is PPO-clip's
+        # A < 0, r = 0.5 < 0.8: (1 - 0.2) * A;  A > 0, r = 1.5 > 1.2: (1 + 0.2) * A
+        torch.testing.assert_close(grad, torch.tensor([-0.5, 0.8, -1.1, 1.1, -1.2, 1.5]))
+        torch.testing.assert_close(frac, torch.tensor(2 / 6))
+        _, scaled, _ = per_token(GPPOLLMLoss(clip_epsilon=0.2, beta_low=0.5, beta_high=0.25),
+                                 RATIOS, ADVANTAGES)
+        torch.testing.assert_close(scaled[[1, 4]], torch.tensor([0.4, -0.3]))
+
+    def test_gppo_asymmetric_band(self):
+        _, grad, _ = per_token(GPPOLLMLoss(clip_epsilon=(0.2, 0.28)), [1.5], [1.0])
+        torch.testing.assert_close(grad, torch.tensor([-1.28]))
+
+    def test_topr_positive_unweighted_negative_truncated(self):
+        value, grad, frac = per_token(TOPRLLMLoss(), RATIOS, ADVANTAGES)
+        # A > 0: -A grad log pi whatever r;  A < 0: -min(r, 1) A grad log pi
+        torch.testing.assert_close(grad, torch.tensor([-1.0, 0.5, -1.0, 1.0, -1.0, 1.0]))
+        torch.testing.assert_close(value, grad)
+        torch.testing.assert_close(frac, torch.tensor(2 / 6))
+        _, weighted, _ = per_token(TOPRLLMLoss(positive_weight=0.5, negative_weight=2.0),
+                                   RATIOS, ADVANTAGES)
+        torch.testing.assert_close(weighted, torch.tensor([-0.5, 1.0, -0.5, 2.0, -0.5, 2.0]))
+
+    def test_spo_formula_and_restoring_force(self):
+        eps = 0.2
+        value, grad, _ = per_token(SPOLLMLoss(clip_epsilon=eps), RATIOS, ADVANTAGES)
+        r, a = torch.tensor(RATIOS), torch.tensor(ADVANTAGES)
+        torch.testing.assert_close(value, -(r * a - a.abs() / (2 * eps) * (r - 1) ** 2))
+        torch.testing.assert_close(grad, -r * (a - a.abs() * (r - 1) / eps))
+        # stationary on the clip boundary, pulling back beyond it
+        _, g, _ = per_token(SPOLLMLoss(clip_epsilon=eps), [1.2, 1.3, 0.8, 0.7], [1.0, 1.0, -1.0, -1.0])
+        torch.testing.assert_close(g[[0, 2]], torch.zeros(2), atol=1e-6, rtol=0)
+        assert g[1] > 0 and g[3] < 0
+
+    def test_cispo_gradient_everywhere_unlike_torchrl(self):
+        value, grad, _ = per_token(CISPOLLMLoss(clip_epsilon=0.2), RATIOS, ADVANTAGES)
+        clipped = torch.tensor(RATIOS).clamp(0.8, 1.2) * torch.tensor(ADVANTAGES)
+        torch.testing.assert_close(value, -clipped)
+        torch.testing.assert_close(grad, -clipped)
+        # TorchRL 0.14.1's CISPOLoss has the same value but no gradient where clipped
+        tr_value, tr_grad, _ = per_token(CISPOLoss(clip_epsilon=0.2), RATIOS, ADVANTAGES)
+        torch.testing.assert_close(tr_value, value)
+        assert (tr_grad[[0, 1, 4, 5]] == 0).all()
+
+    def test_spo_rejects_two_epsilons(self):
+        with pytest.raises(ValueError, match="single epsilon"):
+            SPOLLMLoss(clip_epsilon=(0.2, 0.28))
+
+    @pytest.mark.parametrize("name", list(LLM_LOSSES))
+    def test_every_loss_runs_on_the_sequence_batch(self, actor, name):
+        data = make_batch(actor)
+        loss = make_llm_loss(name, actor, masking_strategy="rlhf")
+        out = loss(data)
+        assert isinstance(loss, GRPOLoss)
+        value = total(out)
+        assert torch.isfinite(value)
+        actor.zero_grad()
+        value.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.parameters())
+
+    def test_grpo_and_grpo_ch_are_torchrl(self, actor):
+        data = make_batch(actor)
+        pairs = [
+            (make_llm_loss("grpo", actor, masking_strategy="rlhf"), GRPOLoss(actor, masking_strategy="rlhf")),
+            (make_llm_loss("grpo-ch", actor, masking_strategy="rlhf"),
+             DAPO(actor, masking_strategy="rlhf", clip_epsilon=(0.2, 0.28))),
+        ]
+        for ours, theirs in pairs:
+            torch.manual_seed(0)
+            a = ours(data)
+            torch.manual_seed(0)
+            b = theirs(data)
+            assert type(a) is type(b)
+            for key in ("loss_objective", "loss_entropy", "clip_fraction", "ESS"):
+                torch.testing.assert_close(a.get(key), b.get(key))
+
+
+# ------------------------------------------------------- registry, state, scheduler
+
+
+class TestAPI:
+    def test_registry(self):
+        assert set(LLM_LOSSES) == {"r2vpo", "grpo", "grpo-ch", "gppo", "topr", "spo", "cispo"}
+        assert isinstance(make_llm_loss("GRPO_CH"), DAPOLLMLoss)
+        assert isinstance(make_llm_loss("r2vpo", lagrange_multiplier=2.0), R2VPOLLMLoss)
+        with pytest.raises(ValueError, match="Valid names: 'r2vpo', 'grpo', 'grpo-ch'"):
+            make_llm_loss("ppo")
+        with pytest.raises(TypeError):
+            LLM_LOSSES["mine"] = GRPOLoss
+
+    @pytest.mark.parametrize(
+        "kwargs, match",
+        [
+            (dict(lagrange_multiplier=-1.0), "lagrange_multiplier"),
+            (dict(lagrange_multiplier=float("nan")), "lagrange_multiplier"),
+            (dict(ratio_var_target=-0.1), "ratio_var_target"),
+            (dict(kl_target=-0.1), "kl_target"),
+            (dict(kl_target=0.01, ratio_var_target=0.02), "either"),
+            (dict(variance_center="median"), "variance_center"),
+            (dict(aggregation="sum"), "aggregation"),
+            (dict(masking_strategy="prompt"), "masking_strategy"),
+            (dict(diagnostic_clip_epsilon=1.5), "clip_epsilon"),
+        ],
+    )
+    def test_bad_hyperparameters(self, kwargs, match):
+        with pytest.raises(ValueError, match=match):
+            R2VPOLLMLoss(**kwargs)
+
+    def test_clip_epsilon_is_refused(self):
+        with pytest.raises(TypeError, match="diagnostic_clip_epsilon"):
+            R2VPOLLMLoss(clip_epsilon=0.2)
+
+    def test_negative_assignment_and_baseline_weights(self):
+        loss = R2VPOLLMLoss()
+        with pytest.raises(ValueError, match="lagrange_multiplier"):
+            loss.lagrange_multiplier = -0.5
+        with pytest.raises(ValueError, match="beta_low"):
+            GPPOLLMLoss(beta_low=-1.0)
+        with pytest.raises(ValueError, match="negative_weight"):
+            TOPRLLMLoss(negative_weight=-1.0)
+
+    def test_kl_target_sets_variance_target(self):
+        torch.testing.assert_close(R2VPOLLMLoss(kl_target=0.03).ratio_var_target, torch.tensor(0.06))
+
+    def test_state_dict_round_trip(self):
+        loss = R2VPOLLMLoss(lagrange_multiplier=0.5, ratio_var_target=0.01)
+        loss.lagrange_multiplier = 2.5  # in-place copy into the buffer
+        state = loss.state_dict()
+        assert {"lagrange_multiplier", "ratio_var_target"} <= set(state)
+        assert "last_ratio_var" not in state
+        other = R2VPOLLMLoss()
+        other.load_state_dict(state)
+        torch.testing.assert_close(other.lagrange_multiplier, torch.tensor(2.5))
+        torch.testing.assert_close(other.ratio_var_target, torch.tensor(0.01))
+        assert other.to(torch.float64).lagrange_multiplier.dtype == torch.float64
+        loss.reset()
+        torch.testing.assert_close(loss.lagrange_multiplier, torch.tensor(0.5))
+
+    def test_scheduler_moves_lambda_the_right_way(self, actor):
+        data = make_batch(actor)
+        loss = R2VPOLLMLoss(actor, lagrange_multiplier=1.0, ratio_var_target=0.0,
+                            masking_strategy="rlhf")
+        scheduler = DualVariableScheduler(loss, lr=10.0)
+        out = loss(data)
+        assert isinstance(out, R2VPOLLMLossOutput)
+        assert scheduler.step(out) > 1.0  # variance above target: lambda rises
+        assert scheduler.step(out.ratio_var) > 1.0
+        raised = float(loss.lagrange_multiplier)
+        assert scheduler.step(merge_ratio_stats([out])) > raised
+        assert scheduler.step() > raised  # reads loss.last_ratio_var
+        loss.ratio_var_target = 10.0  # far below target: lambda falls, projected at 0
+        before = float(loss.lagrange_multiplier)
+        assert scheduler.step(out.to_tensordict()) < before
+        for _ in range(100):
+            scheduler.step(out.ratio_var)
+        assert float(loss.lagrange_multiplier) == 0.0
+        assert float(loss(data).lagrange_multiplier) == 0.0

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torchrl_r2vpo.envs.math_data import generate_problems
+from torchrl_r2vpo.envs.math_reward import math_reward
+from torchrl_r2vpo.modules.math_lm import (
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL_PATH,
+    build_math_lm,
+    build_math_tokenizer,
+    evaluate_accuracy,
+    format_prompt,
+    format_target,
+    generate_completions,
+    load_math_lm,
+    main,
+    sft_loss,
+    warm_start,
+)
+
+ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """Tiny models run fastest single-threaded, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_math_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_math_lm()
+
+
+def tiny_model(tokenizer, seed=0):
+    return build_math_lm(tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, seed=seed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), difficulty=st.sampled_from([1, 2, 3]))
+def test_tokenizer_round_trips_generated_problems(tokenizer, seed, difficulty):
+    for problem in generate_problems(8, difficulty=difficulty, seed=seed):
+        text = format_prompt(problem.question) + format_target(problem.answer)
+        ids = tokenizer(text)["input_ids"]
+        assert len(ids) == len(text)  # one token per character, no special tokens added
+        assert tokenizer.unk_token_id not in ids
+        assert tokenizer.decode(ids) == text
+
+
+@settings(max_examples=50, deadline=None)
+@given(text=st.text(alphabet=ALPHABET, max_size=60))
+def test_tokenizer_round_trips_any_ascii_text(tokenizer, text):
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) == len(text) and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+
+
+def test_special_tokens_and_padding(tokenizer):
+    assert len(tokenizer) == 100
+    special = [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id]
+    assert special == [0, 1, 2, 3]
+    assert tokenizer.padding_side == "left"
+    assert tokenizer("é")["input_ids"] == [tokenizer.unk_token_id]
+    batch = tokenizer(["1", "123"], padding=True, return_tensors="pt")
+    assert batch["input_ids"][0].tolist()[:2] == [0, 0]
+    assert batch["attention_mask"].tolist() == [[0, 0, 1], [1, 1, 1]]
+    ids = tokenizer("42")["input_ids"] + [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "42"
+
+
+def test_target_is_scored_by_math_reward():
+    for problem in generate_problems(200, difficulty=(1, 2, 3), seed=0):
+        assert math_reward(format_target(problem.answer), problem.answer) == 1.0
+        assert len(format_target(problem.answer)) < DEFAULT_MAX_NEW_TOKENS
+
+
+def test_forward_shapes(tokenizer):
+    model = tiny_model(tokenizer)
+    batch = tokenizer([format_prompt("What is 1 + 2?"), "3"], padding=True, return_tensors="pt")
+    logits = model(**batch).logits
+    assert logits.shape == (*batch["input_ids"].shape, len(tokenizer))
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_save_load_round_trip(tmp_path, tokenizer):
+    model = tiny_model(tokenizer)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = load_math_lm(tmp_path)
+    text = format_prompt("Emma has 3 apples.")
+    assert loaded_tokenizer(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded_tokenizer.padding_side == "left" and loaded_tokenizer.pad_token_id == 0
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_load_falls_back_to_eos_for_padding(tmp_path, tokenizer):
+    tiny_model(tokenizer).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"pad_token": "<pad>",', ""))
+    _, loaded_tokenizer = load_math_lm(tmp_path)
+    assert loaded_tokenizer.pad_token_id == tokenizer.eos_token_id
+
+
+def test_bad_path_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_math_lm(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_math_lm(tmp_path)
+
+
+def test_shipped_checkpoint_loads_with_auto_classes():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL_PATH)
+    text = format_prompt(generate_problems(1, difficulty=3, seed=0)[0].question) + "-3/4"
+    assert tokenizer(text)["input_ids"] == build_math_tokenizer()(text)["input_ids"]
+    assert tokenizer.padding_side == "left" and len(tokenizer) == 100
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_PATH)
+    assert model.dtype == torch.float32 and model.config.vocab_size == 100
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+
+
+def test_generation_is_deterministic_and_short(shipped):
+    model, tokenizer = shipped
+    questions = [p.question for p in generate_problems(16, split="test", difficulty=1, seed=3)]
+    sampled = generate_completions(model, tokenizer, questions, greedy=False, seed=1)
+    assert sampled == generate_completions(model, tokenizer, questions, greedy=False, seed=1)
+    assert all(len(c) <= DEFAULT_MAX_NEW_TOKENS for c in sampled)
+    greedy = generate_completions(model, tokenizer, questions)
+    assert generate_completions(model, tokenizer, questions[:4]) == greedy[:4]
+
+
+def test_shipped_checkpoint_beats_random_init(shipped):
+    model, tokenizer = shipped
+    problems = generate_problems(128, split="test", difficulty=1, seed=0)
+    accuracy = evaluate_accuracy(model, tokenizer, problems)
+    random_model = build_math_lm(
+        tokenizer,
+        hidden_size=model.config.hidden_size,
+        num_layers=model.config.num_hidden_layers,
+        num_heads=model.config.num_attention_heads,
+        num_kv_heads=model.config.num_key_value_heads,
+        intermediate_size=model.config.intermediate_size,
+    )
+    random_accuracy = evaluate_accuracy(random_model, tokenizer, problems)
+    assert 0.15 < accuracy < 0.95
+    assert random_accuracy < 0.05
+    assert str(DEFAULT_MODEL_PATH).endswith("math-lm-tiny")
+
+
+def test_warm_start_reduces_loss(tokenizer):
+    model = tiny_model(tokenizer)
+    problems = generate_problems(64, difficulty=1, seed=0)
+    with torch.no_grad():
+        before = sft_loss(model, tokenizer, problems).item()
+    stats = warm_start(model, tokenizer, problems, steps=30, batch_size=16, lr=1e-2, warmup=5, progress=False)
+    with torch.no_grad():
+        after = sft_loss(model, tokenizer, problems).item()
+    assert after < before - 0.5
+    assert len(stats["losses"]) == 30 and not model.training
+    with pytest.raises(ValueError):
+        warm_start(model, tokenizer, [], steps=1)
+
+
+def test_main_writes_a_loadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    main(["--out", str(out), "--steps", "2", "--train-size", "32", "--eval-size", "4",
+          "--hidden-size", "32", "--layers", "1", "--batch-size", "8"])
+    assert "after:" in capsys.readouterr().out
+    model, tokenizer = load_math_lm(out)
+    assert model.config.hidden_size == 32 and len(tokenizer) == 100

@@ -1,0 +1,210 @@
+"""Token-generation MDP, whole-completion rollouts and their agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tensordict import TensorDict
+from torchrl.envs.utils import check_env_specs, step_mdp
+from torchrl.modules.llm import TransformersWrapper
+from torchrl.objectives.llm import GRPOLoss
+
+from torchrl_r2vpo.collectors import (
+    collect_batch,
+    group_advantages,
+    staleness_stats,
+    TransformersBackend,
+)
+from torchrl_r2vpo.envs import (
+    generate_problems,
+    NextTokenActor,
+    sequences_from_rollout,
+    TokenGenerationEnv,
+)
+from torchrl_r2vpo.modules.math_lm import build_math_lm, build_math_tokenizer, format_prompt
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_math_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.manual_seed(0)
+    return build_math_lm(tokenizer, hidden_size=32).eval()
+
+
+def make_env(tokenizer, n=12, num_prompts=3, group_size=2, **kwargs):
+    problems = generate_problems(n, difficulty=(1, 2, 3), seed=0)
+    return TokenGenerationEnv([format_prompt(p.question) for p in problems],
+                              [p.answer for p in problems], tokenizer, num_prompts=num_prompts,
+                              group_size=group_size, max_new_tokens=MAX_NEW, **kwargs)
+
+
+def force(env, tokens: list[str]):
+    """Steps every sequence of a fresh batch through the same tokens; returns the last state."""
+    td = env.reset()
+    for token in tokens:
+        td["action"] = torch.full(env.batch_size, env.tokenizer.convert_tokens_to_ids(token))
+        td = env.step(td)["next"]
+    return td
+
+
+def test_specs_and_random_rollout(tokenizer):
+    env = make_env(tokenizer)
+    check_env_specs(env, seed=0)
+    rollout = env.rollout(MAX_NEW, break_when_any_done=False, break_when_all_done=True)
+    assert rollout.batch_size[0] == 6 and rollout.batch_size[1] <= MAX_NEW
+    assert rollout[:, -1]["next", "done"].all()
+
+
+def test_groups_repeat_prompts(tokenizer):
+    td = make_env(tokenizer, num_prompts=3, group_size=4).reset()
+    tokens = td["tokens"].view(3, 4, -1)
+    assert (tokens == tokens[:, :1]).all() and not (tokens[0, 0] == tokens[1, 0]).all()
+    assert td["group"].view(-1).tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    width = td["tokens"].shape[-1] - MAX_NEW
+    assert (td["attention_mask"][:, :width].sum(-1, keepdim=True) == td["prompt_length"]).all()
+    assert not td["attention_mask"][:, width:].any()
+
+
+def test_reward_only_at_the_end(tokenizer):
+    env = make_env(tokenizer, group_size=1)
+    td = env.reset()
+    answers = [env.answers[i] for i in td["problem_index"].view(-1).tolist()]
+    for step in range(MAX_NEW):
+        # row 0 writes the right answer then EOS; the others repeat "7" until truncated
+        answer = answers[0] + "<eos>"
+        token = answer[step] if step < len(answers[0]) else "<eos>"
+        action = torch.full(env.batch_size, tokenizer.convert_tokens_to_ids("7"))
+        if step <= len(answers[0]):
+            action[0] = tokenizer.convert_tokens_to_ids(token)
+        td["action"] = action
+        td = env.step(td)["next"]
+        if step < len(answers[0]):
+            assert (td["reward"] == 0).all() and not td["done"].any()
+        if step == len(answers[0]):
+            assert td["terminated"][0] and td["reward"][0] == 1.0
+            break
+    assert td["generated"][0].item() == len(answers[0]) + 1  # EOS is part of the completion
+
+
+def test_truncation_and_finished_rows_ignore_actions(tokenizer):
+    env = make_env(tokenizer, group_size=1)
+    td = force(env, ["1", "<eos>"])
+    frozen = td["tokens"].clone()
+    td["action"] = torch.full(env.batch_size, tokenizer.convert_tokens_to_ids("9"))
+    after = env.step(td)["next"]
+    assert (after["tokens"] == frozen).all() and after["reward"].eq(0).all()
+    td = force(env, ["1"] * MAX_NEW)
+    assert td["truncated"].all() and not td["terminated"].any()
+
+
+def test_prompt_order_state_dict_round_trip(tokenizer):
+    env = make_env(tokenizer, n=10, num_prompts=4, group_size=1)
+    env.reset()
+    state = env.state_dict()
+    expected = [env.reset()["problem_index"].view(-1).tolist() for _ in range(4)]
+    other = make_env(tokenizer, n=10, num_prompts=4, group_size=1, seed=123)
+    other.load_state_dict(state)
+    assert [other.reset()["problem_index"].view(-1).tolist() for _ in range(4)] == expected
+    fresh = make_env(tokenizer, n=10, num_prompts=4, group_size=1)
+    seen = sum((fresh.reset()["problem_index"].view(-1).tolist() for _ in range(3)), [])
+    assert sorted(seen[:10]) == list(range(10)) and seen[:10] != list(range(10))  # one shuffled pass
+
+
+def test_bad_arguments(tokenizer):
+    with pytest.raises(ValueError, match="as many answers"):
+        TokenGenerationEnv(["a"], [], tokenizer, num_prompts=1)
+    with pytest.raises(ValueError, match="max_prompt_length=2"):
+        TokenGenerationEnv(["What is 1 + 1?"], ["2"], tokenizer, num_prompts=1, max_prompt_length=2)
+    with pytest.raises(ValueError, match=">= 1"):
+        TokenGenerationEnv(["1+1"], ["2"], tokenizer, num_prompts=1, group_size=0)
+
+
+def test_token_by_token_and_fast_path_agree(tokenizer, model):
+    env = make_env(tokenizer)
+    torch.manual_seed(1)
+    fast = collect_batch(env, TransformersBackend(model, tokenizer, max_new_tokens=MAX_NEW))
+    # replay the fast path's tokens through the MDP: the actor's log-probs of those tokens
+    env.load_state_dict({k: torch.zeros_like(v) for k, v in env.state_dict().items()})
+    actor = NextTokenActor(model, env)
+    width = env.max_prompt_length
+    response = fast["tokens", "response"]
+    td, steps = env.reset(), []
+    assert (td["tokens"][:, :width] == fast["tokens", "prompt"]).all()
+    for t in range(MAX_NEW):
+        with torch.no_grad():
+            dist = actor.get_dist(td)
+        td["action"] = response[:, t]
+        td["action_log_prob"] = dist.log_prob(response[:, t])
+        td = env.step(td)
+        steps.append(td.clone())
+        td = step_mdp(td)
+        if td["done"].all():
+            break
+    slow = sequences_from_rollout(torch.stack(steps, 1), env)
+    assert set(slow.keys(True, True)) == set(fast.keys(True, True))
+    for key in slow.keys(True, True):
+        assert slow[key].shape == fast[key].shape and slow[key].dtype == fast[key].dtype, key
+        if key != ("log_probs", "full"):
+            assert (slow[key] == fast[key]).all(), key
+    torch.testing.assert_close(slow["log_probs", "full"], fast["log_probs", "full"], atol=1e-5, rtol=0)
+
+
+def test_actor_rollout_gives_the_sequence_layout(tokenizer, model):
+    env = make_env(tokenizer)
+    rollout = env.rollout(MAX_NEW, NextTokenActor(model, env), break_when_any_done=False,
+                          break_when_all_done=True)
+    seq = sequences_from_rollout(rollout, env)
+    width = env.max_prompt_length
+    mask = seq["masks", "all_assistant_mask"][:, width:]
+    # the mask covers the completion up to and including its EOS, nothing after
+    eos = seq["tokens", "response"] == tokenizer.eos_token_id
+    assert ((eos.cumsum(-1) - eos.long()) == 0).eq(mask).all()
+    assert (seq["log_probs", "full"][:, width:][mask] < 0).all()
+    assert (seq["log_probs", "full"][:, width:][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("strategy", ["sft", "rlhf"])
+def test_grpo_loss_reads_the_layout_on_policy(tokenizer, model, strategy):
+    env = make_env(tokenizer)
+    batch = collect_batch(env, TransformersBackend(model, tokenizer, max_new_tokens=MAX_NEW))
+    batch["advantage"] = group_advantages(batch["next", "reward"] + torch.rand(6, 1), 2)
+    scorer = TransformersWrapper(model, tokenizer=tokenizer, input_mode="tokens", generate=False,
+                                 return_log_probs=True, pad_output=True)
+    loss = GRPOLoss(scorer, masking_strategy=strategy, entropy_bonus=False)
+    log_weight, _, _, mask = loss._log_weight(batch.copy(), adv_shape=batch["advantage"].shape[1:])
+    assert (mask.squeeze(-1) == batch["masks", "all_assistant_mask"]).all()
+    assert log_weight.abs().max() < 1e-5  # the behaviour log-probs are the loss's own
+
+
+def test_group_advantages():
+    reward = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0])
+    adv = group_advantages(reward, 3)
+    assert adv.shape == (6, 1, 1)
+    grouped = adv.view(2, 3)
+    torch.testing.assert_close(grouped.mean(-1), torch.zeros(2))
+    torch.testing.assert_close(grouped[0].std(correction=0), torch.tensor(1.0))
+    assert (group_advantages(torch.ones(4), 2) == 0).all()
+
+
+def test_staleness_stats_respects_the_mask():
+    ratio = torch.tensor([[1.0, 9.0], [0.5, 1.5]])
+    mask = torch.tensor([[True, False], [True, True]])
+    stats = staleness_stats(ratio, torch.tensor([0, 2]), mask)
+    assert stats["stale0/ratio_var"] == 0.0 and stats["stale0/ESS"] == 1.0
+    assert stats["stale2/ratio_mean"] == 1.0 and stats["stale2/ratio_var"] == 0.25
+    assert set(stats) == {f"stale{k}/{s}" for k in (0, 2) for s in ("ratio_mean", "ratio_var", "ESS")}
+
+
+def test_sequence_batch_keys_are_what_torchrl_llm_losses_read(tokenizer, model):
+    batch = collect_batch(make_env(tokenizer), TransformersBackend(model, tokenizer, max_new_tokens=MAX_NEW))
+    assert isinstance(batch, TensorDict)
+    for key in (("tokens", "full"), ("masks", "all_attention_mask"), ("masks", "all_assistant_mask"),
+                ("log_probs", "full")):
+        assert batch[key].shape == batch["tokens", "full"].shape
+    assert batch["policy_version"].eq(0).all() and batch["next", "done"].all()

