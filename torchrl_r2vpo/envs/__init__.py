@@ -1,4 +1,4 @@
-"""Environments: continuous control (DeepMind Control, gymnasium) and math problems."""
+"""Environments: continuous control (DeepMind Control, gymnasium, MuJoCo Playground) and math problems."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from torchrl_r2vpo.envs.control import (
     FaultTolerantDMControlEnv,
     make_env,
     parse_env_name,
+    PlaygroundEnv,
     record_rollout_gif,
     select_mujoco_gl,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "math_reward",
     "normalize_answer",
     "parse_env_name",
+    "PlaygroundEnv",
     "record_rollout_gif",
     "select_mujoco_gl",
 ]
