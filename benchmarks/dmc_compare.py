@@ -4,6 +4,7 @@
     python benchmarks/dmc_compare.py --frames 200000       # a shorter matrix
     python benchmarks/dmc_compare.py --sweep --frames 100000 --seeds 0
     python benchmarks/dmc_compare.py --throughput          # frames/s vs the raw simulator
+    python benchmarks/dmc_compare.py --workers 1 2         # collection frames/s per worker count
     python benchmarks/dmc_compare.py --report-only         # rebuild the tables from the files
 
 Every (task, loss, seed) run is the example script with its own ``--out``
@@ -165,6 +166,45 @@ def plain_collector_rate(task: str, frames: int = 20_480) -> float:
     return rate
 
 
+def collection_rate(task: str, num_workers: int, batches: int = 6) -> float:
+    """frames/s of the example's collector alone (no updates), first batch excluded."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("MUJOCO_GL", "disable")  # no renderer needed
+
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from dmc_walker import make_agent, make_collector, parse_args
+
+    from torchrl_r2vpo.envs import make_env
+
+    cfg = parse_args(["--env", task, "--num-workers", str(num_workers)])
+    env = make_env(task)
+    actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
+                             env.action_spec.shape[-1])
+    torch.set_num_threads(1)  # as the example's main process on 2 cores
+    collector = make_collector(cfg, actor, batches * cfg.frames_per_batch, seed=0)
+    it = iter(collector)
+    next(it)  # start-up and warm-up batch
+    start = time.perf_counter()
+    frames = sum(data.numel() for data in it)
+    rate = frames / (time.perf_counter() - start)
+    collector.shutdown()
+    return rate
+
+
+def workers(out: Path, task: str, counts: list[int]) -> str:
+    rates = {n: collection_rate(task, n) for n in counts}
+    (out / "workers.json").write_text(json.dumps(
+        {"task": task, "frames_per_s": rates, "machine": platform.processor() or platform.machine()},
+        indent=2))
+    return "\n".join([
+        f"Collection only on {task} (16 environments per worker, 4096 frames per batch, "
+        "5 batches after a warm-up one):", "", "| workers | frames/s | vs 1 worker |", "|---|---|---|",
+        *[f"| {n} | {r:.0f} | {r / rates[counts[0]]:.2f}x |" for n, r in rates.items()]])
+
+
 def throughput(out: Path, task: str, frames: int) -> str:
     """The training loop, the plain Collector and the raw simulator, measured in one run."""
     raw_before = raw_rate(task, processes=2)
@@ -201,12 +241,16 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="fixed-lambda and adaptive-delta sensitivity on the first task")
     parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--workers", nargs="+", type=int,
+                        help="collection frames/s of the example with these worker counts")
     parser.add_argument("--report-only", action="store_true")
     args, extra = parser.parse_known_args()  # extra arguments go to the example
     args.out.mkdir(parents=True, exist_ok=True)
 
     sections = []
-    if args.throughput:
+    if args.workers:
+        sections.append(workers(args.out, args.tasks[0], args.workers))
+    elif args.throughput:
         sections.append(throughput(args.out, args.tasks[0], args.frames))
     elif args.sweep:
         task = args.tasks[0]
@@ -228,7 +272,8 @@ def main() -> None:
                             ["--env", task, "--loss", loss, "--seed", str(seed), *extra])
         sections.append(summarize(args.out, args.tasks, args.losses, args.frames))
     report = "\n\n".join(sections)
-    name = "throughput" if args.throughput else "sweep" if args.sweep else "summary"
+    name = ("workers" if args.workers else "throughput" if args.throughput
+            else "sweep" if args.sweep else "summary")
     (args.out / f"{name}.md").write_text(report + "\n")
     print(report)
 

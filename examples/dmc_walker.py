@@ -6,6 +6,14 @@
     python examples/dmc_walker.py --env HalfCheetah-v5    # any gymnasium id works too
     python examples/dmc_walker.py --reuse 2               # also train on the 2 previous batches
     python examples/dmc_walker.py --resume                # continue an interrupted run in --out
+    python examples/dmc_walker.py --env playground:WalkerWalk --device cuda   # MuJoCo Playground
+    python examples/dmc_walker.py --num-workers 2 --collector ray             # Ray workers
+
+A ``playground:<TaskName>`` environment is one batch of ``--num-envs``
+MuJoCo Playground environments simulated in JAX on ``--device``; collection,
+GAE and updates all stay on that device, and the defaults become those of
+Playground's tuned Brax PPO configuration (``PLAYGROUND``), for both losses;
+flags given on the command line still win.
 
 Writes to ``--out``: ``curve.csv`` (one row per collected batch), ``curve.png``,
 ``checkpoint.pt`` (every ``--checkpoint-every`` frames and on Ctrl-C), the
@@ -52,14 +60,17 @@ class Config:
     loss: str = "r2vpo"  # r2vpo | ppo
     frames: int = 500_000
     seed: int = 0
+    device: str = "cpu"  # cpu | cuda: where the networks, updates and Playground tensors live
     num_envs: int = 16  # environments stepped together, per worker
-    num_workers: int = 2  # collector processes (TorchRL MultiSyncCollector) when > 1
+    num_workers: int = 2  # collector workers when > 1 (not for Playground: one batch, in process)
+    collector: str = "process"  # process | ray: where the workers run (TorchRL Collector backend)
     frames_per_batch: int = 4096
     minibatch_size: int = 256
     epochs: int = 10
     lr: float = 3e-4  # annealed linearly to 0 over --frames
     gamma: float = 0.99
     gae_lambda: float = 0.95
+    reward_scale: float = 1.0  # rewards are multiplied by this for the critic and GAE only
     entropy_coeff: float = 0.0
     critic_coeff: float = 0.5
     max_grad_norm: float = 0.5
@@ -72,19 +83,36 @@ class Config:
     eval_every: int = 50_000
     eval_episodes: int = 4  # run side by side
     checkpoint_every: int = 50_000
+    time_limit: float = 0.0  # seconds of training after which the run stops (0: none)
     logger: str = "csv"  # csv | tensorboard | wandb
     out: str = "runs/dmc_walker"
     resume: bool = False
     video: bool = True
 
 
+# Playground's tuned Brax PPO configuration for its DeepMind Control tasks: 2048 environments,
+# unrolls of 30 steps, 32 minibatches of 1024 unrolls, 16 epochs, lr 1e-3, discount 0.995,
+# reward scaling 10, entropy 1e-2. One batch here is what one Brax PPO training step collects
+# (2048 environments x 480 steps), cut into 32 minibatches of 30720 transitions.
+PLAYGROUND = dict(num_envs=2048, num_workers=1, frames=60_000_000, frames_per_batch=983_040,
+                  minibatch_size=30_720, epochs=16, lr=1e-3, gamma=0.995, reward_scale=10.0,
+                  entropy_coeff=1e-2, eval_every=6_000_000, checkpoint_every=6_000_000,
+                  video=False)
+
+# resources of one Ray collector actor: it steps CPU simulators
+RAY_WORKER = {"num_cpus": 1, "num_gpus": 0}
+
 CHOICES = {"loss": ("r2vpo", "ppo"), "dual": ("fixed", "adaptive"),
-           "logger": ("csv", "tensorboard", "wandb")}
+           "collector": ("process", "ray"), "logger": ("csv", "tensorboard", "wandb")}
 
 
-HELP = {"env": "dm_control domain-task (walker-walk, cheetah-run, ...) or a gymnasium id",
+HELP = {"env": "dm_control domain-task (walker-walk, cheetah-run, ...), a gymnasium id, "
+               "or playground:<TaskName> (playground:WalkerWalk, ...)",
         "frames": "environment frames to train for", "num_envs": "environments per worker",
-        "num_workers": "collector processes", "lagrange_multiplier": "r2vpo: lambda",
+        "num_workers": "collector workers", "lagrange_multiplier": "r2vpo: lambda",
+        "collector": "where the --num-workers collectors run: local processes or Ray actors",
+        "reward_scale": "rewards are multiplied by this for the critic and GAE",
+        "time_limit": "stop after this many seconds of training (0: no limit)",
         "ratio_var_target": "r2vpo: delta, the variance target of --dual adaptive",
         "dual_lr": "r2vpo: dual step size per optimiser step (--dual adaptive)",
         "reuse": "also train on the previous K batches (stale data)",
@@ -92,19 +120,30 @@ HELP = {"env": "dm_control domain-task (walker-walk, cheetah-run, ...) or a gymn
         "resume": "continue from --out/checkpoint.pt", "video": "save a GIF of the policy"}
 
 
-def parse_args(argv=None) -> Config:
+def make_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """One flag per ``Config`` field; ``defaults=False`` leaves out the flags not given."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         text = HELP.get(field.name, "(default: %(default)s)")
+        default = field.default if defaults else argparse.SUPPRESS
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default,
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=text)
         else:
             parser.add_argument(flag, type={"int": int, "float": float, "str": str}[field.type],
-                                default=field.default, choices=CHOICES.get(field.name), help=text)
-    return Config(**vars(parser.parse_args(argv)))
+                                default=default, choices=CHOICES.get(field.name), help=text)
+    return parser
+
+
+def parse_args(argv=None) -> Config:
+    args = vars(make_parser().parse_args(argv))
+    if args["env"].startswith("playground:"):  # the preset, under the flags given
+        given = vars(make_parser(defaults=False).parse_args(argv))
+        preset = {**PLAYGROUND, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+        args.update({k: v for k, v in preset.items() if k not in given})
+    return Config(**args)
 
 
 def make_agent(env, obs_dim: int, act_dim: int):
@@ -140,13 +179,22 @@ def make_loss(cfg: Config, actor, critic):
     return loss, scheduler
 
 
-def make_collector(cfg: Config, actor, total_frames: int, seed: int):
+def make_collector(cfg: Config, actor, total_frames: int, seed: int, env=None):
+    """Steps ``env`` in this process on ``cfg.device`` if given, else builds the environments."""
     env_fn = functools.partial(make_env, cfg.env, num_envs=cfg.num_envs)
     batches = math.ceil(total_frames / cfg.frames_per_batch)  # whole batches only
-    kwargs = dict(frames_per_batch=cfg.frames_per_batch,
-                  total_frames=batches * cfg.frames_per_batch,
-                  auto_register_policy_transforms=False)
-    if cfg.num_workers > 1:  # each worker steps its own batch of environments
+    frames = dict(frames_per_batch=cfg.frames_per_batch,
+                  total_frames=batches * cfg.frames_per_batch)
+    kwargs = dict(auto_register_policy_transforms=False, **frames)
+    if env is not None:  # one batched environment on the device: no copies, no processes
+        collector = Collector(env, actor, device=cfg.device, track_traj_ids=False, **kwargs)
+    elif cfg.num_workers > 1 and cfg.collector == "ray":  # Ray actors, on any machine of the cluster
+        collector = Collector(env_fn, actor, backend="ray", num_collectors=cfg.num_workers,
+                              sync=True, **frames, backend_options=dict(
+                                  remote_configs=RAY_WORKER,
+                                  collector_kwargs={"auto_register_policy_transforms": False}))
+        collector.update_policy_weights_()  # connects the actors to this policy's weights
+    elif cfg.num_workers > 1:  # each worker process steps its own batch of environments
         collector = MultiSyncCollector([env_fn] * cfg.num_workers, actor, **kwargs)
     else:
         collector = Collector(env_fn(), actor, **kwargs)
@@ -216,31 +264,47 @@ CURVE_FIELDS = ["frames", "time_s", "fps", "train_return", "eval_return", "lagra
                 "loss_critic", "physics_errors"]
 
 
-def main(cfg: Config) -> dict:
+def main(cfg: Config, env=None) -> dict:
+    """Trains, evaluates and writes the outputs of one run.
+
+    ``env`` is an already built ``make_env(cfg.env, num_envs=cfg.num_envs, ...)``
+    Playground environment to train and evaluate in, so that several runs share
+    its compiled step; it stays usable. By default the run builds its own.
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, curve_path = out / "checkpoint.pt", out / "curve.csv"
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    playground, shared_env = cfg.env.startswith("playground:"), env is not None
+    device = torch.device(cfg.device)
     gl_problem = None  # before MuJoCo is imported: a renderer for the video, or none at all
-    if cfg.video:
+    if cfg.video and not playground:
         gl_problem = select_mujoco_gl()
     else:
         os.environ.setdefault("MUJOCO_GL", "disable")
 
     # --- environments, networks, loss ---------------------------------------------------
-    eval_env = make_env(cfg.env, num_envs=cfg.eval_episodes, seed=cfg.seed + 10_000)
+    if playground:  # one batch of environments on the device, for training and evaluation
+        if env is None:
+            env = make_env(cfg.env, num_envs=cfg.num_envs, seed=cfg.seed, device=device)
+        eval_env = env
+    else:
+        eval_env = make_env(cfg.env, num_envs=cfg.eval_episodes, seed=cfg.seed + 10_000)
     obs_dim = eval_env.observation_spec["observation"].shape[-1]
     act_dim = eval_env.action_spec.shape[-1]
     actor, critic, obs_norm = make_agent(eval_env, obs_dim, act_dim)
+    actor.to(device)
+    critic.to(device)
     loss, scheduler = make_loss(cfg, actor, critic)
     optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr, eps=1e-5)
-    gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False)
+    gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False,
+              device=device)
     # the last K+1 collected batches, each tagged with the policy version that collected it
-    history = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.reuse + 1))
+    history = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.reuse + 1, device=device))
     minibatches = TensorDictReplayBuffer(
-        storage=LazyTensorStorage((cfg.reuse + 1) * cfg.frames_per_batch),
+        storage=LazyTensorStorage((cfg.reuse + 1) * cfg.frames_per_batch, device=device),
         sampler=SamplerWithoutReplacement(drop_last=True), batch_size=cfg.minibatch_size)
 
     # --- resume -------------------------------------------------------------------------
@@ -274,7 +338,7 @@ def main(cfg: Config) -> dict:
 
     try:
         logger = get_logger(cfg.logger, logger_name=str(out / "logs"),
-                            experiment_name=f"{cfg.loss}-{cfg.env}-seed{cfg.seed}",
+                            experiment_name=f"{cfg.loss}-{cfg.env.replace(':', '-')}-seed{cfg.seed}",
                             state_dict=logger_state,
                             wandb_kwargs={"config": dataclasses.asdict(cfg),
                                           "project": "torchrl_r2vpo"})
@@ -283,7 +347,8 @@ def main(cfg: Config) -> dict:
                          f"({err})") from err
     collector = None
     if frames < cfg.frames:  # a resumed run starts fresh episodes, seeded by its version
-        collector = make_collector(cfg, actor, cfg.frames - frames, seed=cfg.seed + 1000 * version)
+        collector = make_collector(cfg, actor, cfg.frames - frames, seed=cfg.seed + 1000 * version,
+                                   env=env)
     else:
         print(f"nothing to train: {frames} frames done, --frames {cfg.frames}")
 
@@ -308,7 +373,9 @@ def main(cfg: Config) -> dict:
         for data in collector if collector is not None else ():
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * (1 - frames / cfg.frames)
-            data.set("policy_version", torch.full(data.shape, version))
+            data.set("policy_version", torch.full(data.shape, version, device=data.device))
+            if cfg.reward_scale != 1:  # the returns reported below stay unscaled
+                data.set(("next", "reward"), data["next", "reward"] * cfg.reward_scale)
             history.extend(data.unsqueeze(0))
             stored = history[: len(history)]  # [K + 1, (workers,) envs, T]: GAE runs along T
             metrics = []
@@ -325,7 +392,7 @@ def main(cfg: Config) -> dict:
                         nn.utils.clip_grad_norm_(net.values(True, True), cfg.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                    if scheduler is not None:
+                    if scheduler is not None and not scheduler.fixed:
                         scheduler.step(out_td)
                     metrics.append(out_td.detach())
             staleness = ratio_stats_by_staleness(loss, stored.reshape(-1), version)
@@ -348,9 +415,12 @@ def main(cfg: Config) -> dict:
             for key in CURVE_FIELDS:
                 if key in mean_metrics.keys():
                     row[key] = mean_metrics[key].item()
-            if frames // cfg.eval_every > last_eval or frames >= cfg.frames:
+            stop = cfg.time_limit > 0 and now - start >= cfg.time_limit
+            if frames // cfg.eval_every > last_eval or frames >= cfg.frames or stop:
                 last_eval = frames // cfg.eval_every
                 eval_return = row["eval_return"] = evaluate(eval_env, actor)
+                if eval_env is env:  # the collector's episodes were interrupted: start afresh
+                    collector.reset()
             for key, value in {**row, **staleness}.items():
                 if key != "frames" and value != "":
                     logger.log_scalar(key, value, step=frames)
@@ -360,13 +430,16 @@ def main(cfg: Config) -> dict:
                     writer.writeheader()
                 writer.writerow(row)
             last_state = snapshot()
-            if frames // cfg.checkpoint_every > last_ckpt or frames >= cfg.frames:
+            if frames // cfg.checkpoint_every > last_ckpt or frames >= cfg.frames or stop:
                 last_ckpt = frames // cfg.checkpoint_every
                 save_checkpoint(ckpt_path, last_state)
             pbar.update(data.numel())
             pbar.set_postfix(fps=row["fps"], ret=row["train_return"] or "-",
                              eval=f"{eval_return:.1f}", lam=row["lagrange_multiplier"] or "-",
                              var=f"{row['ratio_var']:.4f}" if row["ratio_var"] != "" else "-")
+            if stop:
+                print(f"\n--time-limit {cfg.time_limit:g} s reached at frame {frames}")
+                break
             iteration_start = time.perf_counter()
     except KeyboardInterrupt:  # save the state after the last complete batch, not a half update
         save_checkpoint(ckpt_path, last_state)
@@ -375,7 +448,9 @@ def main(cfg: Config) -> dict:
         return {"interrupted": True, "frames": frames}
     finally:
         pbar.close()
-        if collector is not None:
+        if collector is not None and shared_env:
+            collector.shutdown(close_env=False)
+        elif collector is not None:
             collector.shutdown()
 
     # --- results --------------------------------------------------------------------------
@@ -383,8 +458,12 @@ def main(cfg: Config) -> dict:
         rows = [{k: (float(v) if v != "" else "") for k, v in r.items()} for r in csv.DictReader(f)]
     plot_curve(rows, out / "curve.png", f"{cfg.loss} on {cfg.env}, seed {cfg.seed}")
     final = next((r["eval_return"] for r in reversed(rows) if r["eval_return"] != ""), math.nan)
-    video = (try_record_video(cfg.env, actor, out / "policy.gif", cfg.seed, gl_problem)
-             if cfg.video else "no video (--no-video)")
+    if not cfg.video:
+        video = "no video (--no-video)"
+    elif playground:
+        video = "no video for Playground tasks"
+    else:
+        video = try_record_video(cfg.env, actor, out / "policy.gif", cfg.seed, gl_problem)
     print(f"final evaluation return: {final:.1f} after {frames} frames")
     print(f"curve: {curve_path}, plot: {out / 'curve.png'}, checkpoint: {ckpt_path}")
     print(video)

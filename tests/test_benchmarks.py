@@ -78,3 +78,25 @@ def test_llm_report_from_partial_results(tmp_path):
     assert rows["r2vpo"].rstrip(" |").endswith("384 (60%)")
     assert rows["spo"].count("-") >= 2
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_playground_report_compares_at_equal_steps(tmp_path):
+    pg = load("playground_compare")
+
+    def run(loss, returns, evals):
+        rows = [{"frames": 1000.0 * (i + 1), "time_s": i + 1.0, "fps": 1000.0, "train_return": r,
+                 "eval_return": evals.get(i, "")} for i, r in enumerate(returns)]
+        return {"loss": loss, "seed": 0, "frames": int(rows[-1]["frames"]),
+                "loop_env_steps_per_s": 550_000.0, "final_eval_return": evals.get(len(rows) - 1),
+                "eval_frames": int(rows[-1]["frames"]) if len(rows) - 1 in evals else None,
+                "rows": rows}
+
+    results = {"meta": {"device_name": "GPU", "num_envs": 2048, "date": "today"},
+               "tasks": {"CartpoleSwingupSparse": {
+                   "build_s": 5.0, "compile_s": 30.0, "env_steps_per_s": 1e6,
+                   "runs": [run("r2vpo", [1, 5, 9], {2: 8.0}), run("ppo", [1, 3], {1: 2.0})]}}}
+    text = pg.report(results, tmp_path)
+    assert "| CartpoleSwingupSparse | 35 | 1,000,000 | r2vpo | 0 | 3,000 | 8.0 | 550,000 | 50% |" in text
+    # equal steps: ppo stopped at 2000, so r2vpo is read at 2000 too; only ppo evaluated there
+    assert "| CartpoleSwingupSparse | 0 | 2,000 | 5.0 | 3.0 | - | - |" in text
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -159,3 +159,13 @@ def test_normaliser_statistics_reach_collector_workers():
     torch.testing.assert_close(log_prob()[inside], data["action_log_prob"][inside])
     norm.mean.copy_(stale[0]), norm.var.copy_(stale[1])
     assert not torch.allclose(log_prob()[inside], data["action_log_prob"][inside])
+
+
+def test_playground_without_the_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "mujoco_playground" else find_spec(name, *args))
+    with pytest.raises(ImportError, match=r"pip install 'torchrl_r2vpo\[playground\]'"):
+        make_env("playground:WalkerWalk", num_envs=2)

@@ -93,3 +93,20 @@ def test_interrupt_and_resume_continue_the_run(tmp_path):
     bad = run_example("--frames", str(frames + 2048), "--reuse", "1", "--resume",
                       "--out", str(tmp_path))
     assert bad.returncode != 0 and "reuse=0" in bad.stderr
+
+
+def test_playground_preset_is_shared_and_flags_given_win():
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from dmc_walker import PLAYGROUND, parse_args
+
+    dmc = parse_args([])
+    assert (dmc.num_envs, dmc.lr, dmc.reward_scale, dmc.device) == (16, 3e-4, 1.0, "cpu")
+    for loss in ("r2vpo", "ppo"):
+        cfg = parse_args(["--env", "playground:WalkerWalk", "--loss", loss, "--epochs", "10",
+                          "--num-envs", "16"])
+        assert (cfg.epochs, cfg.num_envs) == (10, 16)  # given, even where equal to the default
+        for key in ("frames_per_batch", "minibatch_size", "lr", "gamma", "reward_scale",
+                    "entropy_coeff"):
+            assert getattr(cfg, key) == PLAYGROUND[key]
+    assert PLAYGROUND["frames_per_batch"] == 2048 * 30 * 16  # Brax: envs x unroll x 16 unrolls
+    assert PLAYGROUND["frames_per_batch"] // PLAYGROUND["minibatch_size"] == 32

@@ -25,12 +25,12 @@ run=(--rollouts 16384 --methods "${methods[@]}" --seeds 0 1 2 --out "$work/runs"
 example=(--model "$work/model" --device cuda --difficulty 1,2 --num-prompts 64 --group-size 8
          --minibatch-size 128 --eval-every 2048 --checkpoint-every 4096 --num-test 1024)
 {
-    timeout 150 python3 -m torchrl_r2vpo.modules.math_lm --out "$work/model" --device cuda \
+    timeout 120 python3 -m torchrl_r2vpo.modules.math_lm --out "$work/model" --device cuda \
         --hidden-size 512 --layers 6 --difficulty 1 2 --steps 1500 --batch-size 256 --lr 1e-3 \
         --threads 4
-    timeout -k 10 330 python3 benchmarks/llm_compare.py "${run[@]}" --jobs 9 "${example[@]}"
+    timeout -k 10 300 python3 benchmarks/llm_compare.py "${run[@]}" --jobs 9 "${example[@]}"
     python3 benchmarks/llm_compare.py "${run[@]}" --report-only
-    timeout 120 python3 benchmarks/llm_loss_cost.py --device cuda --hidden 512 --layers 6 \
+    timeout 90 python3 benchmarks/llm_loss_cost.py --device cuda --hidden 512 --layers 6 \
         --vocab 32768 --repeats 20 --json "$work/runs/llm_loss_cost_cuda.json"
 } 2>&1 | tee "$work/runs/log.txt"
 cp "$work/runs/summary.md" "$work/runs/curves.png" "$out/" 2>/dev/null

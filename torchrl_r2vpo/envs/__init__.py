@@ -1,4 +1,5 @@
-"""Environments: continuous control (DeepMind Control, gymnasium), token generation, math problems."""
+"""Environments: continuous control (DeepMind Control, gymnasium, MuJoCo Playground), token
+generation, math problems."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from torchrl_r2vpo.envs.control import (
     FaultTolerantDMControlEnv,
     make_env,
     parse_env_name,
+    PlaygroundEnv,
     record_rollout_gif,
     select_mujoco_gl,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "math_reward",
     "normalize_answer",
     "parse_env_name",
+    "PlaygroundEnv",
     "record_rollout_gif",
     "select_mujoco_gl",
     "sequences_from_rollout",

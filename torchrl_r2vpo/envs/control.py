@@ -1,4 +1,4 @@
-"""Continuous-control environments: DeepMind Control and gymnasium through one factory."""
+"""Continuous-control environments: DeepMind Control, gymnasium and MuJoCo Playground through one factory."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tensordict import TensorDict
 from torchrl.data import Binary
 from torchrl.envs import (
     CatTensors,
@@ -21,6 +22,7 @@ from torchrl.envs import (
     EnvBase,
     GymEnv,
     InitTracker,
+    MujocoPlaygroundEnv,
     ParallelEnv,
     RewardSum,
     SerialEnv,
@@ -28,9 +30,11 @@ from torchrl.envs import (
     TransformedEnv,
 )
 from torchrl.envs.gym_like import default_info_dict_reader
+from torchrl.envs.libs.jax_utils import _ndarray_to_tensor, _tensor_to_ndarray
 
 __all__ = [
     "FaultTolerantDMControlEnv",
+    "PlaygroundEnv",
     "make_env",
     "parse_env_name",
     "record_rollout_gif",
@@ -38,6 +42,7 @@ __all__ = [
 ]
 
 PHYSICS_ERROR_KEY = "physics_error"
+PLAYGROUND_PREFIX = "playground:"
 
 
 def parse_env_name(name: str) -> tuple[str, str | None]:
@@ -142,6 +147,73 @@ class FaultTolerantDMControlEnv(DMControlEnv):
         return observation, reward, terminated, truncated, done, info
 
 
+class PlaygroundEnv(MujocoPlaygroundEnv):
+    """:class:`~torchrl.envs.MujocoPlaygroundEnv` with one compiled batch step and per-environment resets.
+
+    The batch of environments is stepped by a single ``jax.jit(jax.vmap(step))``
+    call (TorchRL's wrapper runs ``jax.vmap(jax.jit(step))``, which batches the
+    step again in Python at every call, and reads the env's observation size,
+    which traces its reset, at every step), with the state's dtypes and device
+    kept fixed so the step compiles once. JAX runs on its default device; the
+    tensors are handed to torch through DLPack, without a copy when that is
+    ``device``. A reset with a ``"_reset"`` mask re-initialises only
+    the masked environments and keeps the state of the others (TorchRL's wrapper
+    resets the whole batch), so a collector can run environments whose episodes
+    end at different steps. Only flat, single-agent batches (``batch_size=[n]``)
+    are supported.
+
+    It takes :class:`~torchrl.envs.MujocoPlaygroundEnv`'s arguments; build it
+    through :func:`make_env` (``"playground:<TaskName>"``) to get the usual
+    transforms.
+    """
+
+    def _init_env(self) -> None:
+        super()._init_env()
+        if len(self.batch_size) != 1 or self._agent_mapping is not None:
+            raise ValueError("PlaygroundEnv needs a flat single-agent batch: batch_size=[n].")
+        jax = self.jax
+
+        def strong(tree):  # weak-typed leaves would make the step compile a second time
+            return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), tree)
+
+        def where(mask, new, old):
+            return jax.tree.map(
+                lambda n, o: jax.numpy.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o),
+                new, old,
+            )
+
+        self._vmap_jit_env_reset = jax.jit(lambda keys: strong(jax.vmap(self._env.reset)(keys)))
+        self._vmap_jit_env_step = jax.jit(
+            lambda state, action: strong(jax.vmap(self._env.step)(state, action))
+        )
+        self._where = jax.jit(where)
+
+    def _obs_is_dict(self) -> bool:  # computed once: it traces the env's reset
+        if getattr(self, "_obs_dict", None) is None:
+            self._obs_dict = super()._obs_is_dict()
+        return self._obs_dict
+
+    def _reset(self, tensordict=None, **kwargs):
+        jax = self.jax
+        if self._key is None:
+            self._set_seed(getattr(self, "_seed", None))
+        keys = jax.random.split(self._key, self.batch_size.numel() + 1)
+        self._key = keys[0]
+        # committed to a device, as the actions from torch are: the step compiles once
+        state = self._vmap_jit_env_reset(jax.device_put(keys[1:], jax.devices()[0]))
+        mask = None if tensordict is None else tensordict.get("_reset", None)
+        if mask is not None and self._current_state is not None:
+            mask = _tensor_to_ndarray(mask.reshape(-1).to(torch.uint8)) != 0
+            state = self._where(mask, state, self._current_state)
+        self._current_state = state
+        done = _ndarray_to_tensor(state.done).to(self.device).bool().view(*self.batch_size, 1)
+        return TensorDict._new_unsafe(
+            {**self._extract_obs(state), "done": done, "terminated": done.clone()},
+            batch_size=self.batch_size,
+            device=self.device,
+        )
+
+
 def _base_env(name: str, seed: int | None, device) -> EnvBase:
     domain, task = parse_env_name(name)
     if task is None:
@@ -168,6 +240,30 @@ def _base_env(name: str, seed: int | None, device) -> EnvBase:
     return env
 
 
+def _playground_env(name: str, num_envs: int, seed: int | None, device) -> tuple[PlaygroundEnv, int]:
+    task = name[len(PLAYGROUND_PREFIX):]
+    if importlib.util.find_spec("mujoco_playground") is None:
+        raise ImportError(
+            f"{name!r} is a MuJoCo Playground task but playground is not installed: "
+            "pip install 'torchrl_r2vpo[playground]'."
+        )
+    # JAX would otherwise reserve most of the GPU's memory before torch gets any
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    from mujoco_playground import registry
+
+    if task not in registry.ALL_ENVS:
+        known = ", ".join(PLAYGROUND_PREFIX + t for t in registry.ALL_ENVS)
+        raise ValueError(f"Unknown MuJoCo Playground task {name!r}. Known: {known}.")
+    device = torch.device("cpu" if device is None else device)
+    # MuJoCo Warp only where it is installed and has a GPU; else MJX's JAX implementation
+    warp = device.type == "cuda" and importlib.util.find_spec("warp") is not None
+    env = PlaygroundEnv(task, batch_size=[num_envs], device=device,
+                        config_overrides={"impl": "warp" if warp else "jax"})
+    if seed is not None:
+        env.set_seed(seed)
+    return env, registry.get_default_config(task).episode_length
+
+
 def make_env(
     name: str,
     *,
@@ -181,8 +277,15 @@ def make_env(
 
     ``name`` is a DeepMind Control ``domain-task`` (``"walker-walk"``,
     ``"cartpole-swingup_sparse"``) run through :class:`FaultTolerantDMControlEnv`,
-    or a gymnasium id (``"HalfCheetah-v5"``, ``"Pendulum-v1"``) run through
-    :class:`~torchrl.envs.GymEnv`. The environment gets one float32
+    a gymnasium id (``"HalfCheetah-v5"``, ``"Pendulum-v1"``) run through
+    :class:`~torchrl.envs.GymEnv`, or a MuJoCo Playground task
+    (``"playground:WalkerWalk"``, ``"playground:CartpoleSwingupSparse"``) run
+    through :class:`PlaygroundEnv` (the ``playground`` extra): ``num_envs``
+    environments simulated together by MJX in JAX, on the GPU where JAX has one,
+    with MuJoCo Warp where it is installed and ``device`` is CUDA, else MJX's
+    JAX implementation; their tensors are handed to torch on ``device`` without
+    a copy. Playground tasks get the episode length of their default
+    configuration as a truncation. The environment gets one float32
     ``"observation"`` vector (dm_control's observation dictionary concatenated),
     a step counter, an init tracker and an ``"episode_reward"`` sum. Batched
     environments are stepped together and the transforms run once, on the
@@ -196,13 +299,15 @@ def make_env(
 
     Keyword Args:
         num_envs (int, optional): environments stepped together, batched along a
-            leading dimension. Defaults to ``1`` (an unbatched environment).
+            leading dimension. Defaults to ``1`` (an unbatched environment; a
+            Playground environment always has the batch dimension).
         parallel (bool, optional): with ``num_envs > 1``, step them in
             subprocesses (:class:`~torchrl.envs.ParallelEnv`) instead of in this
             process (:class:`~torchrl.envs.SerialEnv`). Defaults to ``False``.
         seed (int, optional): seeds the environment(s); batched environments get
             ``seed, seed + 1, ...``.
-        device (torch.device, optional): where the environment's tensors live.
+        device (torch.device, optional): where the environment's tensors live
+            (``"cuda"`` for Playground on a GPU). Defaults to the CPU.
         max_episode_steps (int, optional): truncation horizon added on top of the
             task's own (dm_control tasks end after 1000 steps).
 
@@ -214,7 +319,11 @@ def make_env(
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
-    if num_envs == 1:
+    if name.startswith(PLAYGROUND_PREFIX):
+        env, episode_steps = _playground_env(name, num_envs, seed, device)
+        if max_episode_steps is None or max_episode_steps > episode_steps:
+            max_episode_steps = episode_steps  # Playground leaves the time limit to the trainer
+    elif num_envs == 1:
         env = _base_env(name, seed, device)
     else:
         factories = [

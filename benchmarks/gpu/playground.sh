@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# R2VPO vs clipped PPO on MuJoCo Playground on one GPU, as one run with its own time limits.
+#
+# Run from the repository root on a GPU machine that has Python 3.12 with CUDA builds of torch
+# and jax but no network: the cp312 wheels of torchrl, tensordict, mujoco, mujoco-mjx,
+# playground and their missing dependencies are installed from .whl/ (benchmarks/README.md
+# lists them), the package itself is used from the tree. Results go to $OUT (or the first
+# argument): results.json, summary.md, curves.png and log.txt; other arguments go to
+# benchmarks/playground_compare.py.
+#
+#   bash benchmarks/gpu/playground.sh [OUT_DIR] [--budget 400 --time-limit 40 ...]
+set -uo pipefail
+out=${OUT:-/tmp/playground}
+if [[ $# -gt 0 && $1 != --* ]]; then out=$1; shift; fi
+mkdir -p "$out"
+
+if ! python3 -c "import mujoco_playground, torchrl" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MUJOCO_GL=disable \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    timeout 120 python3 -c "
+import jax, mujoco, tensordict, torch, torchrl
+print('torch', torch.__version__, torch.cuda.get_device_name(), '| jax', jax.__version__,
+      jax.devices(), '| torchrl', torchrl.__version__, '| tensordict', tensordict.__version__,
+      '| mujoco', mujoco.__version__)" 2>&1 | grep -v Warning
+    # the whole benchmark keeps to --budget (400 s by default); this is the backstop
+    timeout -k 10 "${BENCH_TIMEOUT:-500}" python3 benchmarks/playground_compare.py \
+        --out "$out" --runs-dir /tmp/playground-runs "$@"
+    echo "exit status $?"
+} 2>&1 | tee "$out/log.txt"

@@ -1,0 +1,259 @@
+"""R2VPO vs clipped PPO on MuJoCo Playground on the GPU, through ``examples/dmc_walker.py``.
+
+    python benchmarks/playground_compare.py --out results/playground     # 3 tasks x 2 losses, ~7 min
+    python benchmarks/playground_compare.py --tasks CartpoleSwingupSparse --seeds 0 1 --frames 20000000
+    python benchmarks/playground_compare.py --device cpu --num-envs 16 --frames 1024 --random-steps 20 \\
+        --frames-per-batch 512 --minibatch-size 128 --epochs 2                  # a CPU smoke run
+
+For each task the Playground environment is built and compiled once, its
+random-action env-steps/s is measured, and then every (loss, seed) run trains in
+it in this process, with the example's code path and Playground's tuned Brax
+PPO defaults (the example's ``PLAYGROUND`` preset, shared by both losses); only
+the loss differs. Each run stops at ``--frames`` or after ``--time-limit``
+seconds of training, and the whole benchmark skips the runs that no longer fit
+in ``--budget`` seconds. After every run ``results.json``, ``summary.md`` and
+``curves.png`` are rewritten under ``--out``, so a killed benchmark leaves the
+runs it finished; ``--report-only`` rebuilds them from ``results.json``.
+Arguments this script does not know go to the example (``--frames-per-batch``,
+``--epochs``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU's memory to torch
+os.environ.setdefault("MUJOCO_GL", "disable")  # nothing is rendered
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import dmc_walker  # noqa: E402
+
+from torchrl_r2vpo.envs import make_env  # noqa: E402
+
+TASKS = ["CartpoleSwingupSparse", "WalkerWalk", "CheetahRun"]
+# Playground's own Brax PPO with the same configuration, measured on an H100 (2026-11)
+BRAX_REFERENCE = {
+    "CartpoleSwingupSparse": {"env_steps_per_s": 1.1e6, "eval_return": 760, "frames": 20e6,
+                              "compile_s": 33},
+}
+STOCK_ENV_REFERENCE = {"WalkerWalk": 148e3, "CartpoleSwingupSparse": 359e3}  # TorchRL wrapper
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def env_rate(env, steps: int, device: torch.device) -> tuple[float, float]:
+    """Seconds of the first (compiling) steps, then random-action env-steps/s."""
+    start = time.perf_counter()
+    env.rollout(2, break_when_any_done=False)
+    sync(device)
+    compile_s = time.perf_counter() - start
+    start = time.perf_counter()
+    td = env.rollout(steps, break_when_any_done=False)
+    sync(device)
+    return compile_s, td.numel() / (time.perf_counter() - start)
+
+
+def read_curve(run_dir: Path) -> list[dict]:
+    path = run_dir / "curve.csv"
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return [{k: float(v) if v != "" else "" for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def run_summary(run_dir: Path) -> dict:
+    """What one run's ``curve.csv`` says: frames, returns and the loop's env-steps/s."""
+    curve = read_curve(run_dir)
+    if not curve:
+        return {"frames": 0, "rows": []}
+    fps = [r["fps"] for r in curve[1:]] or [curve[0]["fps"]]  # the first batch warms up
+    evals = [(r["frames"], r["eval_return"]) for r in curve if r["eval_return"] != ""]
+    return {
+        "frames": int(curve[-1]["frames"]),
+        "train_s": curve[-1]["time_s"],
+        "loop_env_steps_per_s": statistics.median(fps),
+        "final_eval_return": evals[-1][1] if evals else None,
+        "eval_frames": int(evals[-1][0]) if evals else None,
+        "rows": [{k: r[k] for k in ("frames", "time_s", "fps", "train_return", "eval_return")}
+                 for r in curve],
+    }
+
+
+def return_at(rows: list[dict], frames: int) -> float | None:
+    """The last training return (stochastic policy) logged at or before ``frames``."""
+    values = [r["train_return"] for r in rows if r["frames"] <= frames and r["train_return"] != ""]
+    return values[-1] if values else None
+
+
+def fmt(value, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(results: dict, out: Path) -> str:
+    """Writes ``summary.md`` and ``curves.png`` from ``results``; returns the summary."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = results["meta"]
+    lines = [f"MuJoCo Playground, {meta['device_name']}, {meta['num_envs']} environments, "
+             f"{meta['date']}. Training loop = collection + GAE + updates, median env-steps/s "
+             "over batches after the first, evaluation excluded.", "",
+             "| task | build + compile (s) | random actions (env-steps/s) | loss | seed | frames "
+             "| eval return | training loop (env-steps/s) | loop / Brax PPO |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    equal = ["", "Returns at equal steps (the smaller of the two runs' frames; training "
+             "return of the stochastic policy, then the deterministic evaluation if both runs "
+             "evaluated at those frames):", "",
+             "| task | seed | frames | R2VPO train | PPO train | R2VPO eval | PPO eval |",
+             "|---|---|---|---|---|---|---|"]
+    tasks = list(results["tasks"])
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 3.6),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        entry = results["tasks"][task]
+        brax = BRAX_REFERENCE.get(task, {}).get("env_steps_per_s")
+        by_key = {}
+        for run in entry["runs"]:
+            by_key[run["loss"], run["seed"]] = run
+            speed = run.get("loop_env_steps_per_s")
+            lines.append(
+                f"| {task} | {fmt(entry.get('build_s', 0) + entry.get('compile_s', 0), '.0f')} "
+                f"| {fmt(entry.get('env_steps_per_s'), ',.0f')} | {run['loss']} | {run['seed']} "
+                f"| {run.get('frames', 0):,} | {fmt(run.get('final_eval_return'))} "
+                f"| {fmt(speed, ',.0f')} | {fmt(speed / brax if speed and brax else None, '.0%')} |")
+            rows = run.get("rows", [])
+            train = [(r["frames"], r["train_return"]) for r in rows if r["train_return"] != ""]
+            evals = [(r["frames"], r["eval_return"]) for r in rows if r["eval_return"] != ""]
+            color = "C0" if run["loss"] == "r2vpo" else "C1"
+            if train:
+                ax.plot(*zip(*train), "-", color=color, label=f"{run['loss']} seed {run['seed']}")
+            if evals:
+                ax.plot(*zip(*evals), "o", color=color)
+        for seed in sorted({seed for _, seed in by_key}):
+            r2vpo, ppo = by_key.get(("r2vpo", seed)), by_key.get(("ppo", seed))
+            if not (r2vpo and ppo and r2vpo.get("rows") and ppo.get("rows")):
+                continue
+            frames = min(r2vpo["frames"], ppo["frames"])
+            same_eval = r2vpo.get("eval_frames") == ppo.get("eval_frames") == frames
+            equal.append(
+                f"| {task} | {seed} | {frames:,} | {fmt(return_at(r2vpo['rows'], frames))} "
+                f"| {fmt(return_at(ppo['rows'], frames))} "
+                f"| {fmt(r2vpo['final_eval_return'] if same_eval else None)} "
+                f"| {fmt(ppo['final_eval_return'] if same_eval else None)} |")
+        ax.set(title=task, xlabel="env steps", ylabel="episode return (o: evaluation)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    references = ["", "References (H100): Playground's Brax PPO on CartpoleSwingupSparse about "
+                  "1.1M env-steps/s after a ~33 s compile, evaluation return ~760 after ~20M "
+                  "steps; TorchRL's MujocoPlaygroundEnv with random actions, 4096 environments: "
+                  "WalkerWalk ~148k, CartpoleSwingupSparse ~359k env-steps/s."]
+    text = "\n".join(lines + equal + references) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def save(results: dict, out: Path) -> None:
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(out / "results.json")
+    report(results, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", default=TASKS)
+    parser.add_argument("--losses", nargs="+", default=["r2vpo", "ppo"], choices=["r2vpo", "ppo"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--frames", type=int, default=6 * 983_040,
+                        help="env steps per run (6 batches of the preset)")
+    parser.add_argument("--time-limit", type=float, default=40.0,
+                        help="seconds of training after which a run stops")
+    parser.add_argument("--budget", type=float, default=400.0,
+                        help="seconds for the whole benchmark; runs that no longer fit are skipped")
+    parser.add_argument("--num-envs", type=int, default=2048)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--random-steps", type=int, default=200,
+                        help="steps of the random-action throughput measurement")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "playground")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="the runs' own directories (default: <out>/runs)")
+    parser.add_argument("--report-only", action="store_true")
+    args, extra = parser.parse_known_args()  # extra arguments go to the example
+    args.out.mkdir(parents=True, exist_ok=True)
+    runs_dir = args.runs_dir or args.out / "runs"
+    if args.report_only:
+        print(report(json.loads((args.out / "results.json").read_text()), args.out))
+        return
+
+    start = time.perf_counter()
+    device = torch.device(args.device)
+    results = {"meta": {
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})",
+        "num_envs": args.num_envs, "frames": args.frames, "time_limit": args.time_limit,
+        "example_args": extra, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
+        "tasks": {}}
+    for task in args.tasks:
+        runs = [(loss, seed) for seed in args.seeds for loss in args.losses]
+        if time.perf_counter() - start > args.budget - 60:
+            print(f"skipping {task}: out of --budget", flush=True)
+            continue
+        t0 = time.perf_counter()
+        env = make_env(f"playground:{task}", num_envs=args.num_envs, seed=0, device=device)
+        entry = results["tasks"][task] = {"build_s": time.perf_counter() - t0, "runs": []}
+        entry["compile_s"], entry["env_steps_per_s"] = env_rate(env, args.random_steps, device)
+        print(f"{task}: built in {entry['build_s']:.1f} s, compiled in {entry['compile_s']:.1f} s, "
+              f"{entry['env_steps_per_s']:,.0f} env-steps/s with random actions", flush=True)
+        save(results, args.out)
+        for i, (loss, seed) in enumerate(runs):
+            left = args.budget - (time.perf_counter() - start)
+            # the remaining runs of this task share what is left, the next tasks' builds aside
+            share = (left - 60 * (len(args.tasks) - 1 - args.tasks.index(task))) / (len(runs) - i)
+            limit = min(args.time_limit, share - 10)  # 10 s for the run's start and evaluation
+            if limit < 5:
+                print(f"skipping {task} {loss} seed {seed}: out of --budget", flush=True)
+                continue
+            run_dir = runs_dir / task / loss / f"seed{seed}"
+            cfg = dmc_walker.parse_args([
+                "--env", f"playground:{task}", "--loss", loss, "--seed", str(seed),
+                "--device", args.device, "--num-envs", str(args.num_envs),
+                "--frames", str(args.frames), "--eval-every", str(args.frames),
+                "--checkpoint-every", str(args.frames), "--time-limit", f"{limit:.0f}",
+                "--out", str(run_dir), *extra])
+            t0 = time.perf_counter()
+            dmc_walker.main(cfg, env=env)
+            run = {"loss": loss, "seed": seed, "wall_s": time.perf_counter() - t0,
+                   "time_limit": limit, **run_summary(run_dir)}
+            entry["runs"].append(run)
+            save(results, args.out)
+            print(f"{task} {loss} seed {seed}: {run['frames']:,} env steps in {run['wall_s']:.0f} s, "
+                  f"eval return {fmt(run.get('final_eval_return'))}, training loop "
+                  f"{fmt(run.get('loop_env_steps_per_s'), ',.0f')} env-steps/s", flush=True)
+        env.close()
+    results["meta"]["total_s"] = time.perf_counter() - start
+    save(results, args.out)
+    print(report(results, args.out))
+
+
+if __name__ == "__main__":
+    main()
