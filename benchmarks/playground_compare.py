@@ -186,9 +186,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--frames", type=int, default=6 * 983_040,
                         help="env steps per run (6 batches of the preset)")
-    parser.add_argument("--time-limit", type=float, default=40.0,
+    parser.add_argument("--time-limit", type=float, default=35.0,
                         help="seconds of training after which a run stops")
-    parser.add_argument("--budget", type=float, default=400.0,
+    parser.add_argument("--budget", type=float, default=380.0,
                         help="seconds for the whole benchmark; runs that no longer fit are skipped")
     parser.add_argument("--num-envs", type=int, default=2048)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -8,7 +8,7 @@
 # argument): results.json, summary.md, curves.png and log.txt; other arguments go to
 # benchmarks/playground_compare.py.
 #
-#   bash benchmarks/gpu/playground.sh [OUT_DIR] [--budget 400 --time-limit 40 ...]
+#   bash benchmarks/gpu/playground.sh [OUT_DIR] [--budget 380 --time-limit 35 ...]
 set -uo pipefail
 out=${OUT:-/tmp/playground}
 if [[ $# -gt 0 && $1 != --* ]]; then out=$1; shift; fi
@@ -28,8 +28,8 @@ import jax, mujoco, tensordict, torch, torchrl
 print('torch', torch.__version__, torch.cuda.get_device_name(), '| jax', jax.__version__,
       jax.devices(), '| torchrl', torchrl.__version__, '| tensordict', tensordict.__version__,
       '| mujoco', mujoco.__version__)" 2>&1 | grep -v Warning
-    # the whole benchmark keeps to --budget (400 s by default); this is the backstop
-    timeout -k 10 "${BENCH_TIMEOUT:-500}" python3 benchmarks/playground_compare.py \
+    # the whole benchmark keeps to --budget (380 s by default); this is the backstop
+    timeout -k 10 "${BENCH_TIMEOUT:-440}" python3 benchmarks/playground_compare.py \
         --out "$out" --runs-dir /tmp/playground-runs "$@"
     echo "exit status $?"
 } 2>&1 | tee "$out/log.txt"
