@@ -96,3 +96,14 @@ def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
     llm_math.main(config(tmp_path, tiny_model, rollouts=16))
     with pytest.raises(ValueError, match="reuse=2"):
         llm_math.main(config(tmp_path, tiny_model, reuse=0, resume=True))
+
+
+def test_training_raises_the_reward_on_a_toy_task(tmp_path):
+    # the shipped model on 8 problems asked again and again: RL can memorise their answers
+    cfg = llm_math.Config(out=str(tmp_path), num_problems=8, num_test=16, num_prompts=8,
+                          group_size=8, rollouts=512, reuse=0, eval_every=10_000,
+                          checkpoint_every=10_000)
+    llm_math.main(cfg)
+    reward = [float(r["train_reward"]) for r in read_curve(tmp_path)]
+    assert len(reward) == 8
+    assert sum(reward[-2:]) / 2 > sum(reward[:2]) / 2 + 0.2, reward
