@@ -10,8 +10,8 @@ problems, scores them with the math verifier, standardises the rewards within ea
 (GRPO's advantage) and trains on this batch and the ``--reuse`` previous ones, each tagged
 with the policy version that sampled it. Writes to ``--out``: ``curve.csv`` (one row per
 iteration), ``curve.png`` (reward and accuracy; ratio distributions by staleness),
-``checkpoint.pt`` (every
-``--checkpoint-every`` rollouts and on Ctrl-C) and the logger's files.
+``checkpoint.pt`` (every ``--checkpoint-every`` rollouts and on Ctrl-C) and the logger's
+files.
 """
 
 from __future__ import annotations

@@ -58,7 +58,9 @@ def test_ppo_baseline_and_a_gymnasium_env_run_through_the_example(tmp_path):
 def test_interrupt_and_resume_continue_the_run(tmp_path):
     cmd = [sys.executable, str(EXAMPLE), *SMALL, "--frames", "1000000", "--dual", "adaptive",
            "--checkpoint-every", "1024", "--eval-every", "1000000", "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a suite started in the background inherits SIGINT ignored; the child must see Ctrl-C
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "curve.csv").exists() or len(read_curve(tmp_path)) < 2:
