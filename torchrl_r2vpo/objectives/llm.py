@@ -46,7 +46,7 @@ from torchrl.modules.distributions.utils import is_dynamo_compiling
 from torchrl.objectives.llm import CISPOLoss, DAPO, GRPOLoss, LLMLossOutput
 from torchrl.objectives.llm.grpo import CISPOLossOutput, DAPOLossOutput, GRPOLossOutput
 
-from torchrl_r2vpo.objectives.r2vpo import _check_non_negative
+from torchrl_r2vpo.objectives.r2vpo import _check_non_negative, _LagrangianMixin
 
 __all__ = [
     "CISPOLLMLoss",
@@ -290,7 +290,7 @@ class R2VPOLLMLossOutput(LLMLossOutput):
     max_ratio: torch.Tensor | None = None
 
 
-class R2VPOLLMLoss(_AccumulationMixin, GRPOLoss):
+class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
     r"""Token-level Ratio-Variance Regularized Policy Optimization (R2VPO) loss.
 
     R2VPO replaces GRPO's ratio clipping by a constraint on the variance of the
@@ -435,44 +435,15 @@ class R2VPOLLMLoss(_AccumulationMixin, GRPOLoss):
                 "R2VPOLLMLoss does not clip the ratio; pass diagnostic_clip_epsilon "
                 "for the band of the clip_fraction diagnostic."
             )
-        if ratio_var_target is not None and kl_target is not None:
-            raise ValueError(
-                "Pass either ratio_var_target or kl_target (which sets "
-                "ratio_var_target = 2 * kl_target), not both."
-            )
-        if kl_target is not None:
-            _check_non_negative("kl_target", kl_target)
-            ratio_var_target = 2.0 * kl_target
-        elif ratio_var_target is None:
-            ratio_var_target = 0.02
-        _check_non_negative("ratio_var_target", ratio_var_target)
-        _check_non_negative("lagrange_multiplier", lagrange_multiplier)
-        if variance_center not in _VARIANCE_CENTERS:
-            raise ValueError(
-                f"variance_center must be one of {_VARIANCE_CENTERS}, got {variance_center!r}."
-            )
+        ratio_var_target = self._check_dual_arguments(
+            ratio_var_target, kl_target, lagrange_multiplier, variance_center
+        )
         super().__init__(actor_network, clip_epsilon=diagnostic_clip_epsilon, **kwargs)
-        device = self.clip_epsilon_low.device
-        dtype = torch.get_default_dtype()
-        self.register_coeff_buffer(
-            "ratio_var_target", float(ratio_var_target), device=device, dtype=dtype
+        self._register_dual_buffers(
+            ratio_var_target, lagrange_multiplier, self.clip_epsilon_low.device
         )
-        self.register_coeff_buffer(
-            "lagrange_multiplier", float(lagrange_multiplier), device=device, dtype=dtype
-        )
-        # The statistic a DualVariableScheduler reads when stepped without one.
-        # Not persistent: it is a by-product of the last forward call, not state.
-        self.register_buffer(
-            "last_ratio_var", torch.full((), float("nan"), device=device), persistent=False
-        )
-        self._lagrange_multiplier_init = float(lagrange_multiplier)
         self.variance_center = variance_center
         self.check_finite = check_finite
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _NON_NEGATIVE_COEFFS and isinstance(value, (int, float)):
-            _check_non_negative(name, value)
-        super().__setattr__(name, value)
 
     @property
     def out_keys(self):
@@ -501,10 +472,6 @@ class R2VPOLLMLoss(_AccumulationMixin, GRPOLoss):
     @out_keys.setter
     def out_keys(self, values):
         self._out_keys = values
-
-    def reset(self) -> None:
-        """Restores the initial Lagrange multiplier."""
-        self.lagrange_multiplier = self._lagrange_multiplier_init
 
     def forward(self, tensordict: TensorDictBase) -> R2VPOLLMLossOutput:
         if self.tensor_keys.action not in tensordict:

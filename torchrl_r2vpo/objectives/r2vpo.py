@@ -33,7 +33,59 @@ def masked_mean(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return value.sum() / mask.sum().clamp_min(1)
 
 
-class R2VPOLoss(PPOLoss):
+class _LagrangianMixin:
+    """The state R2VPO losses share: lambda and delta as float buffers (they follow ``.to()``
+    and ``state_dict()``), their validation on assignment, and the last measured variance."""
+
+    @staticmethod
+    def _check_dual_arguments(ratio_var_target: float | None, kl_target: float | None,
+                              lagrange_multiplier: float, variance_center: str) -> float:
+        """Validates the arguments and returns delta (``2 * kl_target`` when that is given)."""
+        if ratio_var_target is not None and kl_target is not None:
+            raise ValueError(
+                "Pass either ratio_var_target or kl_target (which sets "
+                "ratio_var_target = 2 * kl_target), not both."
+            )
+        if kl_target is not None:
+            _check_non_negative("kl_target", kl_target)
+            ratio_var_target = 2.0 * kl_target
+        elif ratio_var_target is None:
+            ratio_var_target = 0.02
+        _check_non_negative("ratio_var_target", ratio_var_target)
+        _check_non_negative("lagrange_multiplier", lagrange_multiplier)
+        if variance_center not in _VARIANCE_CENTERS:
+            raise ValueError(
+                f"variance_center must be one of {_VARIANCE_CENTERS}, got {variance_center!r}."
+            )
+        return ratio_var_target
+
+    def _register_dual_buffers(self, ratio_var_target: float, lagrange_multiplier: float,
+                               device: torch.device | None) -> None:
+        dtype = torch.get_default_dtype()
+        self.register_coeff_buffer(
+            "ratio_var_target", float(ratio_var_target), device=device, dtype=dtype
+        )
+        self.register_coeff_buffer(
+            "lagrange_multiplier", float(lagrange_multiplier), device=device, dtype=dtype
+        )
+        # The statistic a DualVariableScheduler reads when stepped without one.
+        # Not persistent: it is a by-product of the last forward call, not state.
+        self.register_buffer(
+            "last_ratio_var", torch.full((), float("nan"), device=device), persistent=False
+        )
+        self._lagrange_multiplier_init = float(lagrange_multiplier)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _NON_NEGATIVE_COEFFS and isinstance(value, (int, float)):
+            _check_non_negative(name, value)
+        super().__setattr__(name, value)
+
+    def reset(self) -> None:
+        """Restores the initial Lagrange multiplier."""
+        self.lagrange_multiplier = self._lagrange_multiplier_init
+
+
+class R2VPOLoss(_LagrangianMixin, PPOLoss):
     r"""Ratio-Variance Regularized Policy Optimization (R2VPO) loss.
 
     R2VPO replaces PPO's ratio clipping by a constraint on the variance of the
@@ -173,22 +225,9 @@ class R2VPOLoss(PPOLoss):
         device: torch.device | None = None,
         **kwargs,
     ):
-        if ratio_var_target is not None and kl_target is not None:
-            raise ValueError(
-                "Pass either ratio_var_target or kl_target (which sets "
-                "ratio_var_target = 2 * kl_target), not both."
-            )
-        if kl_target is not None:
-            _check_non_negative("kl_target", kl_target)
-            ratio_var_target = 2.0 * kl_target
-        elif ratio_var_target is None:
-            ratio_var_target = 0.02
-        _check_non_negative("ratio_var_target", ratio_var_target)
-        _check_non_negative("lagrange_multiplier", lagrange_multiplier)
-        if variance_center not in _VARIANCE_CENTERS:
-            raise ValueError(
-                f"variance_center must be one of {_VARIANCE_CENTERS}, got {variance_center!r}."
-            )
+        ratio_var_target = self._check_dual_arguments(
+            ratio_var_target, kl_target, lagrange_multiplier, variance_center
+        )
         if not 0 < diagnostic_clip_epsilon < 1:
             raise ValueError(
                 f"diagnostic_clip_epsilon must lie in (0, 1), got {diagnostic_clip_epsilon}."
@@ -196,27 +235,10 @@ class R2VPOLoss(PPOLoss):
         super().__init__(actor_network, critic_network, device=device, **kwargs)
         if device is None:
             device = self.entropy_coeff.device
-        dtype = torch.get_default_dtype()
-        self.register_coeff_buffer(
-            "ratio_var_target", float(ratio_var_target), device=device, dtype=dtype
-        )
-        self.register_coeff_buffer(
-            "lagrange_multiplier", float(lagrange_multiplier), device=device, dtype=dtype
-        )
-        # The statistic a DualVariableScheduler reads when stepped without one.
-        # Not persistent: it is a by-product of the last forward call, not state.
-        self.register_buffer(
-            "last_ratio_var", torch.full((), float("nan"), device=device), persistent=False
-        )
-        self._lagrange_multiplier_init = float(lagrange_multiplier)
+        self._register_dual_buffers(ratio_var_target, lagrange_multiplier, device)
         self.variance_center = variance_center
         self.diagnostic_clip_epsilon = diagnostic_clip_epsilon
         self.check_finite = check_finite
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _NON_NEGATIVE_COEFFS and isinstance(value, (int, float)):
-            _check_non_negative(name, value)
-        super().__setattr__(name, value)
 
     @property
     def out_keys(self):
@@ -245,10 +267,6 @@ class R2VPOLoss(PPOLoss):
     @out_keys.setter
     def out_keys(self, values):
         self._out_keys = values
-
-    def reset(self) -> None:
-        """Restores the initial Lagrange multiplier."""
-        self.lagrange_multiplier = self._lagrange_multiplier_init
 
     def _valid_mask(
         self, tensordict: TensorDictBase, like: torch.Tensor
