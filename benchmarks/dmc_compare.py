@@ -21,6 +21,7 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -55,16 +56,31 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
              "mean ± std over the seeds that reached it.", "",
              "| task | " + " | ".join(losses) + " | frames R2VPO needs to reach PPO's final |",
              "|---|" + "---|" * (len(losses) + 1)]
+    # one deterministic evaluation (4 episodes) is noisy: also the last 3 evaluations, and
+    # the stochastic policy's training return over the last 10% of the frames
+    smooth = [f"Smoother measures of the end of training at {frames} frames, mean ± std over "
+              "seeds: the mean of the last 3 evaluations, and the training return (stochastic "
+              "policy, episodes that ended in the last 10% of the frames).", "",
+              "| task | " + " | ".join(f"{loss} last 3 evals | {loss} training return"
+                                       for loss in losses) + " |",
+              "|---|" + "---|---|" * len(losses)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        cells, mean_curves = [], {}
+        cells, smooth_cells, mean_curves = [], [], {}
         for loss in losses:
-            curves = [eval_points(read_curve(d))
-                      for d in sorted((out / task / loss).glob("seed*"))]
-            curves = [c for c in curves if len(c[0]) and c[0][-1] >= frames]
+            runs = [read_curve(d) for d in sorted((out / task / loss).glob("seed*"))]
+            runs = [r for r in runs if r and r[-1]["frames"] >= frames]
+            curves = [eval_points(r) for r in runs]
+            curves = [c for c in curves if len(c[0])]
             if not curves:
                 cells.append("-")
+                smooth_cells += ["-", "-"]
                 continue
+            last3 = np.array([c[1][-3:].mean() for c in curves])
+            train = np.array([np.nanmean([r["train_return"] for r in run
+                                          if r["frames"] > 0.9 * frames]) for run in runs])
+            smooth_cells += [f"{last3.mean():.1f} ± {last3.std():.1f}",
+                             f"{np.nanmean(train):.1f} ± {np.nanstd(train):.1f}"]
             length = min(len(c[0]) for c in curves)
             x = curves[0][0][:length]
             ys = np.stack([c[1][:length] for c in curves])
@@ -77,6 +93,7 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
             needed = first_reach(*mean_curves["r2vpo"], mean_curves["ppo"][1][-1])
             reach = "not reached" if np.isnan(needed) else f"{needed:.0f} ({needed / frames:.0%})"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {reach} |")
+        smooth.append(f"| {task} | " + " | ".join(smooth_cells) + " |")
         ax.set(title=task, xlabel="frames", ylabel="eval return")
         ax.grid(alpha=0.3)
         if mean_curves:
@@ -84,7 +101,7 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *smooth])
 
 
 def summarize_sweep(out: Path, task: str, frames: int) -> str:
@@ -195,40 +212,52 @@ def collection_rate(task: str, num_workers: int, batches: int = 6) -> float:
 
 
 def workers(out: Path, task: str, counts: list[int]) -> str:
+    """Collection frames/s per worker count, beside the raw simulator's rate in as many
+    processes: how well the machine itself scales bounds what more workers can give."""
     rates = {n: collection_rate(task, n) for n in counts}
+    raw = {n: raw_rate(task, processes=n) for n in counts}
     (out / "workers.json").write_text(json.dumps(
-        {"task": task, "frames_per_s": rates, "machine": platform.processor() or platform.machine()},
-        indent=2))
+        {"task": task, "frames_per_s": rates, "raw_dm_control_steps_per_s": raw,
+         "machine": platform.processor() or platform.machine()}, indent=2))
+    base = counts[0]
     return "\n".join([
         f"Collection only on {task} (16 environments per worker, 4096 frames per batch, "
-        "5 batches after a warm-up one):", "", "| workers | frames/s | vs 1 worker |", "|---|---|---|",
-        *[f"| {n} | {r:.0f} | {r / rates[counts[0]]:.2f}x |" for n, r in rates.items()]])
+        "5 batches after a warm-up one), and random-action dm_control in as many processes:", "",
+        "| workers | frames/s | vs 1 worker | raw dm_control steps/s | raw vs 1 process |",
+        "|---|---|---|---|---|",
+        *[f"| {n} | {rates[n]:.0f} | {rates[n] / rates[base]:.2f}x | {raw[n]:.0f} | "
+          f"{raw[n] / raw[base]:.2f}x |" for n in counts]])
 
 
 def throughput(out: Path, task: str, frames: int) -> str:
-    """The training loop, the plain Collector and the raw simulator, measured in one run."""
+    """The training loop (eager and compiled), the plain Collector and the raw simulator,
+    measured in one run."""
     raw_before = raw_rate(task, processes=2)
     plain = plain_collector_rate(task)
-    run_dir = out / "throughput" / task
-    if run_dir.exists():
-        for f in run_dir.iterdir():
-            f.unlink() if f.is_file() else None
-    run(run_dir, frames, ["--env", task, "--eval-every", str(10 * frames)])
+    loops = {}
+    for name, flags in (("eager", []), ("compiled", ["--compile"])):
+        run_dir = out / "throughput" / task / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run(run_dir, frames, ["--env", task, "--eval-every", str(10 * frames), *flags])
+        # the first batch includes start-up and, compiled, the compilation
+        loops[name] = statistics.median(r["fps"] for r in read_curve(run_dir)[1:])
     raw_after = raw_rate(task, processes=2)
-    curve = read_curve(run_dir)
-    loop = statistics.median(r["fps"] for r in curve[1:])  # the first batch includes start-up
+    loop = loops["eager"]
     raw = statistics.mean([raw_before, raw_after])
-    result = {"task": task, "training_loop_fps": loop, "plain_collector_fps": plain,
-              "raw_dm_control_2proc_steps_per_s": raw, "raw_before": raw_before,
-              "raw_after": raw_after, "machine": platform.processor() or platform.machine()}
+    result = {"task": task, "training_loop_fps": loop, "compiled_loop_fps": loops["compiled"],
+              "plain_collector_fps": plain, "raw_dm_control_2proc_steps_per_s": raw,
+              "raw_before": raw_before, "raw_after": raw_after,
+              "machine": platform.processor() or platform.machine()}
     (out / "throughput.json").write_text(json.dumps(result, indent=2))
     return "\n".join([
         f"Throughput on {task} (2 processes; training loop = collection + 10 epochs of updates, "
-        "median over batches, excluding evaluation):", "",
+        "median over batches after the first, excluding evaluation):", "",
         "| raw dm_control, random actions | plain single-env Collector | training loop | "
-        "loop / plain | loop / raw |", "|---|---|---|---|---|",
+        "loop / plain | loop / raw | loop with --compile | compiled / eager |",
+        "|---|---|---|---|---|---|---|",
         f"| {raw:.0f} steps/s | {plain:.0f} frames/s | {loop:.0f} frames/s | "
-        f"{loop / plain:.2f}x | {loop / raw:.0%} |"])
+        f"{loop / plain:.2f}x | {loop / raw:.0%} | {loops['compiled']:.0f} frames/s | "
+        f"{loops['compiled'] / loop:.2f}x |"])
 
 
 def main() -> None:

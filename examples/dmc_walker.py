@@ -6,6 +6,7 @@
     python examples/dmc_walker.py --env HalfCheetah-v5    # any gymnasium id works too
     python examples/dmc_walker.py --reuse 2               # also train on the 2 previous batches
     python examples/dmc_walker.py --resume                # continue an interrupted run in --out
+    python examples/dmc_walker.py --compile               # torch.compile the update step
     python examples/dmc_walker.py --env playground:WalkerWalk --device cuda   # MuJoCo Playground
     python examples/dmc_walker.py --num-workers 2 --collector ray             # Ray workers
 
@@ -39,6 +40,7 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
+from torchrl._utils import compile_with_warmup
 from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
 from torchrl.envs import ExplorationType, set_exploration_type
@@ -61,6 +63,7 @@ class Config:
     frames: int = 500_000
     seed: int = 0
     device: str = "cpu"  # cpu | cuda: where the networks, updates and Playground tensors live
+    compile: bool = False  # torch.compile the update step (with CUDA graphs on cuda)
     num_envs: int = 16  # environments stepped together, per worker
     num_workers: int = 2  # collector workers when > 1 (not for Playground: one batch, in process)
     collector: str = "process"  # process | ray: where the workers run (TorchRL Collector backend)
@@ -111,6 +114,8 @@ HELP = {"env": "dm_control domain-task (walker-walk, cheetah-run, ...), a gymnas
         "frames": "environment frames to train for", "num_envs": "environments per worker",
         "num_workers": "collector workers", "lagrange_multiplier": "r2vpo: lambda",
         "collector": "where the --num-workers collectors run: local processes or Ray actors",
+        "compile": "torch.compile the update step (loss, backward, clipping, Adam); on cuda "
+                   "with CUDA graphs (mode reduce-overhead)",
         "reward_scale": "rewards are multiplied by this for the critic and GAE",
         "time_limit": "stop after this many seconds of training (0: no limit)",
         "ratio_var_target": "r2vpo: delta, the variance target of --dual adaptive",
@@ -180,8 +185,15 @@ def make_loss(cfg: Config, actor, critic):
 
 
 def make_collector(cfg: Config, actor, total_frames: int, seed: int, env=None):
-    """Steps ``env`` in this process on ``cfg.device`` if given, else builds the environments."""
-    env_fn = functools.partial(make_env, cfg.env, num_envs=cfg.num_envs)
+    """Steps ``env`` in this process on ``cfg.device`` if given, else builds the environments.
+
+    Built environments are seeded ``seed, seed + 1, ...`` across workers when they are
+    made, before the collector's first reset; ``set_seed`` then also seeds each worker
+    process's torch and numpy generators: a run is reproducible from its seed.
+    """
+    env_fns = [functools.partial(make_env, cfg.env, num_envs=cfg.num_envs,
+                                 seed=seed + worker * cfg.num_envs)
+               for worker in range(cfg.num_workers)]
     batches = math.ceil(total_frames / cfg.frames_per_batch)  # whole batches only
     frames = dict(frames_per_batch=cfg.frames_per_batch,
                   total_frames=batches * cfg.frames_per_batch)
@@ -189,15 +201,15 @@ def make_collector(cfg: Config, actor, total_frames: int, seed: int, env=None):
     if env is not None:  # one batched environment on the device: no copies, no processes
         collector = Collector(env, actor, device=cfg.device, track_traj_ids=False, **kwargs)
     elif cfg.num_workers > 1 and cfg.collector == "ray":  # Ray actors, on any machine of the cluster
-        collector = Collector(env_fn, actor, backend="ray", num_collectors=cfg.num_workers,
-                              sync=True, **frames, backend_options=dict(
+        collector = Collector(env_fns, actor, backend="ray", sync=True, **frames,
+                              backend_options=dict(
                                   remote_configs=RAY_WORKER,
                                   collector_kwargs={"auto_register_policy_transforms": False}))
         collector.update_policy_weights_()  # connects the actors to this policy's weights
     elif cfg.num_workers > 1:  # each worker process steps its own batch of environments
-        collector = MultiSyncCollector([env_fn] * cfg.num_workers, actor, **kwargs)
+        collector = MultiSyncCollector(env_fns, actor, **kwargs)
     else:
-        collector = Collector(env_fn(), actor, **kwargs)
+        collector = Collector(env_fns[0](), actor, **kwargs)
     collector.set_seed(seed)
     return collector
 
@@ -298,7 +310,9 @@ def main(cfg: Config, env=None) -> dict:
     actor.to(device)
     critic.to(device)
     loss, scheduler = make_loss(cfg, actor, critic)
-    optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.lr, eps=1e-5)
+    # under --compile the learning rate is a tensor: annealing it then recompiles nothing
+    lr = torch.tensor(cfg.lr, device=device) if cfg.compile else cfg.lr
+    optimizer = torch.optim.Adam(loss.parameters(), lr=lr, eps=1e-5)
     gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False,
               device=device)
     # the last K+1 collected batches, each tagged with the policy version that collected it
@@ -317,6 +331,8 @@ def main(cfg: Config, env=None) -> dict:
                                  f"not {getattr(cfg, key)!r}")
         loss.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the checkpoint's run may have compiled or not
+            group["lr"] = lr
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
         history.load_state_dict(ckpt["history"])
@@ -363,6 +379,24 @@ def main(cfg: Config, env=None) -> dict:
                  "python": random.getstate()}))
 
     last_state = snapshot()
+    clip_groups = [list(params.values(True, True))
+                   for params in (loss.actor_network_params, loss.critic_network_params)]
+
+    def update(batch: TensorDict) -> TensorDict:
+        """One optimiser step on a minibatch; returns the loss's outputs."""
+        out_td = loss(batch)
+        total = sum(v for k, v in out_td.items() if k.startswith("loss_"))
+        total.backward()
+        for params in clip_groups:
+            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out_td.detach()
+
+    if cfg.compile:  # the first call runs eagerly: TensorDict's first-use caches fill there
+        update = compile_with_warmup(update, warmup=1,
+                                     mode="reduce-overhead" if device.type == "cuda" else None)
+    threads = torch.get_num_threads()
 
     # --- training loop ------------------------------------------------------------------
     pbar = tqdm(total=cfg.frames, initial=frames, unit="frames", dynamic_ncols=True)
@@ -371,8 +405,12 @@ def main(cfg: Config, env=None) -> dict:
     start = iteration_start = time.perf_counter()
     try:
         for data in collector if collector is not None else ():
+            torch.set_num_threads(threads)  # a batched env closed after the last batch raises it
             for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * (1 - frames / cfg.frames)
+                if cfg.compile:
+                    group["lr"].fill_(cfg.lr * (1 - frames / cfg.frames))
+                else:
+                    group["lr"] = cfg.lr * (1 - frames / cfg.frames)
             data.set("policy_version", torch.full(data.shape, version, device=data.device))
             if cfg.reward_scale != 1:  # the returns reported below stay unscaled
                 data.set(("next", "reward"), data["next", "reward"] * cfg.reward_scale)
@@ -385,13 +423,11 @@ def main(cfg: Config, env=None) -> dict:
                 minibatches.empty()
                 minibatches.extend(stored.reshape(-1))
                 for batch in minibatches:
-                    out_td = loss(batch)
-                    total = sum(v for k, v in out_td.items() if k.startswith("loss_"))
-                    total.backward()
-                    for net in (loss.actor_network_params, loss.critic_network_params):
-                        nn.utils.clip_grad_norm_(net.values(True, True), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if cfg.compile:  # a CUDA graph's outputs are overwritten at its next replay
+                        torch.compiler.cudagraph_mark_step_begin()
+                        out_td = update(batch).clone()
+                    else:
+                        out_td = update(batch)
                     if scheduler is not None and not scheduler.fixed:
                         scheduler.step(out_td)
                     metrics.append(out_td.detach())

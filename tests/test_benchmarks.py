@@ -21,11 +21,12 @@ def load(name):
 def write_curve(run_dir: Path, evals: list[float], step=1000, **extra):
     run_dir.mkdir(parents=True)
     with open(run_dir / "curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["frames", "eval_return", "ratio_var", "lagrange_multiplier"])
+        writer = csv.DictWriter(f, ["frames", "eval_return", "train_return", "ratio_var",
+                                    "lagrange_multiplier"])
         writer.writeheader()
         for i, value in enumerate(evals, start=1):
-            writer.writerow({"frames": i * step, "eval_return": value, "ratio_var": 0.01,
-                             "lagrange_multiplier": extra.get("lam", 2.5)})
+            writer.writerow({"frames": i * step, "eval_return": value, "train_return": value - 5,
+                             "ratio_var": 0.01, "lagrange_multiplier": extra.get("lam", 2.5)})
 
 
 def test_report_from_partial_results(tmp_path):
@@ -35,11 +36,14 @@ def test_report_from_partial_results(tmp_path):
     write_curve(tmp_path / "walker-walk" / "ppo" / "seed0", [10, 30, 60])
     write_curve(tmp_path / "walker-walk" / "ppo" / "seed1", [10, 20])  # unfinished: left out
     report = dmc.summarize(tmp_path, ["walker-walk", "cheetah-run"], ["r2vpo", "ppo"], 3000)
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
+    final, smooth = report.split("Smoother measures")
+    rows = {line.split("|")[1].strip(): line for line in final.splitlines() if line.startswith("| ")}
     assert "100.0 ± 10.0 (n=2)" in rows["walker-walk"]
     assert "60.0 ± 0.0 (n=1)" in rows["walker-walk"]
     # mean r2vpo curve [15, 60, 100] first reaches ppo's final 60 at 2000 frames
     assert rows["walker-walk"].rstrip(" |").endswith("2000 (67%)")
+    # last 3 evaluations: 50 and 66.7; training return in the last 10% of frames: 85 and 105
+    assert "| walker-walk | 58.3 ± 8.3 | 95.0 ± 10.0 | 33.3 ± 0.0 | 55.0 ± 0.0 |" in smooth
     assert rows["cheetah-run"].count("-") >= 3  # no runs yet
     assert (tmp_path / "curves.png").stat().st_size > 0
 
