@@ -271,7 +271,7 @@ def plot_curve(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-CURVE_FIELDS = ["frames", "time_s", "fps", "train_return", "eval_return", "lagrange_multiplier",
+CURVE_FIELDS = ["frames", "time_s", "fps", "update_s", "train_return", "eval_return", "lagrange_multiplier",
                 "ratio_var", "ESS", "clip_fraction", "kl_approx", "entropy", "loss_objective",
                 "loss_critic", "physics_errors"]
 
@@ -414,6 +414,7 @@ def main(cfg: Config, env=None) -> dict:
             data.set("policy_version", torch.full(data.shape, version, device=data.device))
             if cfg.reward_scale != 1:  # the returns reported below stay unscaled
                 data.set(("next", "reward"), data["next", "reward"] * cfg.reward_scale)
+            update_start = time.perf_counter()
             history.extend(data.unsqueeze(0))
             stored = history[: len(history)]  # [K + 1, (workers,) envs, T]: GAE runs along T
             metrics = []
@@ -431,6 +432,9 @@ def main(cfg: Config, env=None) -> dict:
                     if scheduler is not None and not scheduler.fixed:
                         scheduler.step(out_td)
                     metrics.append(out_td.detach())
+            if device.type == "cuda":  # the time of the work, not of queueing it
+                torch.cuda.synchronize(device)
+            update_s = time.perf_counter() - update_start  # GAE and the optimiser steps
             staleness = ratio_stats_by_staleness(loss, stored.reshape(-1), version)
             obs_norm.update(data["observation"])  # after training: data and update agree
             collector.update_policy_weights_()
@@ -446,6 +450,7 @@ def main(cfg: Config, env=None) -> dict:
             now = time.perf_counter()  # frames/s of collection and training, not evaluation
             row.update(frames=frames, time_s=round(now - start, 2),
                        fps=round(data.numel() / (now - iteration_start), 1),
+                       update_s=round(update_s, 3),
                        physics_errors=physics_errors,
                        train_return=episode_returns.mean().item() if episode_returns.numel() else "")
             for key in CURVE_FIELDS:
