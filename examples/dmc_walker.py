@@ -184,6 +184,39 @@ def make_loss(cfg: Config, actor, critic):
     return loss, scheduler
 
 
+def make_update(loss, optimizer, max_grad_norm: float, compile: bool = False):
+    """One optimiser step on a minibatch (loss, backward, per-network gradient clipping,
+    ``optimizer.step``), returning the loss's outputs.
+
+    ``compile`` puts the step through ``torch.compile`` after one eager call (TensorDict's
+    first-use caches fill there), with CUDA graphs (``mode="reduce-overhead"``) on CUDA; the
+    optimiser's learning rate must then be a tensor, or each change recompiles it.
+    """
+    clip_groups = [list(params.values(True, True))
+                   for params in (loss.actor_network_params, loss.critic_network_params)]
+
+    def update(batch: TensorDict) -> TensorDict:
+        out_td = loss(batch)
+        total = sum(v for k, v in out_td.items() if k.startswith("loss_"))
+        total.backward()
+        for params in clip_groups:
+            nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out_td.detach()
+
+    if not compile:
+        return update
+    cuda = next(loss.parameters()).device.type == "cuda"
+    compiled = compile_with_warmup(update, warmup=1, mode="reduce-overhead" if cuda else None)
+
+    def compiled_update(batch: TensorDict) -> TensorDict:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(batch).clone()  # a CUDA graph's outputs are overwritten at its next replay
+
+    return compiled_update
+
+
 def make_collector(cfg: Config, actor, total_frames: int, seed: int, env=None):
     """Steps ``env`` in this process on ``cfg.device`` if given, else builds the environments.
 
@@ -379,23 +412,7 @@ def main(cfg: Config, env=None) -> dict:
                  "python": random.getstate()}))
 
     last_state = snapshot()
-    clip_groups = [list(params.values(True, True))
-                   for params in (loss.actor_network_params, loss.critic_network_params)]
-
-    def update(batch: TensorDict) -> TensorDict:
-        """One optimiser step on a minibatch; returns the loss's outputs."""
-        out_td = loss(batch)
-        total = sum(v for k, v in out_td.items() if k.startswith("loss_"))
-        total.backward()
-        for params in clip_groups:
-            nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out_td.detach()
-
-    if cfg.compile:  # the first call runs eagerly: TensorDict's first-use caches fill there
-        update = compile_with_warmup(update, warmup=1,
-                                     mode="reduce-overhead" if device.type == "cuda" else None)
+    update = make_update(loss, optimizer, cfg.max_grad_norm, compile=cfg.compile)
     threads = torch.get_num_threads()
 
     # --- training loop ------------------------------------------------------------------
@@ -424,11 +441,7 @@ def main(cfg: Config, env=None) -> dict:
                 minibatches.empty()
                 minibatches.extend(stored.reshape(-1))
                 for batch in minibatches:
-                    if cfg.compile:  # a CUDA graph's outputs are overwritten at its next replay
-                        torch.compiler.cudagraph_mark_step_begin()
-                        out_td = update(batch).clone()
-                    else:
-                        out_td = update(batch)
+                    out_td = update(batch)
                     if scheduler is not None and not scheduler.fixed:
                         scheduler.step(out_td)
                     metrics.append(out_td.detach())

@@ -4,9 +4,10 @@
 # Run from the repository root on a GPU machine that has Python 3.12 with CUDA builds of torch
 # and jax but no network: the cp312 wheels of torchrl, tensordict, mujoco, mujoco-mjx,
 # playground and their missing dependencies are installed from .whl/ (benchmarks/README.md
-# lists them), the package itself is used from the tree. Results go to $OUT (or the first
-# argument): results.json, summary.md, curves.png and log.txt; other arguments go to
-# benchmarks/playground_compare.py.
+# lists them), the package itself is used from the tree. First the example's update step is
+# timed eager and compiled (benchmarks/update_step.py, at most 150 s), then the benchmark runs.
+# Results go to $OUT (or the first argument): results.json, summary.md, curves.png, log.txt and
+# update_step/; other arguments go to benchmarks/playground_compare.py (--compile included).
 #
 #   bash benchmarks/gpu/playground.sh [OUT_DIR] [--budget 380 --time-limit 35 ...]
 set -uo pipefail
@@ -28,6 +29,8 @@ import jax, mujoco, tensordict, torch, torchrl
 print('torch', torch.__version__, torch.cuda.get_device_name(), '| jax', jax.__version__,
       jax.devices(), '| torchrl', torchrl.__version__, '| tensordict', tensordict.__version__,
       '| mujoco', mujoco.__version__)" 2>&1 | grep -v Warning
+    timeout -k 10 150 python3 benchmarks/update_step.py --device cuda \
+        --minibatch-sizes 256 30720 --steps 50 --repeats 3 --out "$out/update_step"
     # the whole benchmark keeps to --budget (380 s by default); this is the backstop
     timeout -k 10 "${BENCH_TIMEOUT:-440}" python3 benchmarks/playground_compare.py \
         --out "$out" --runs-dir /tmp/playground-runs "$@"
