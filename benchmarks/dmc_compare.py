@@ -246,7 +246,8 @@ def throughput(out: Path, task: str, frames: int) -> str:
     loop = loops["eager"]
     raw = statistics.mean([raw_before, raw_after])
     result = {"task": task, "training_loop_fps": loop, "compiled_loop_fps": loops["compiled"],
-              "update_s_per_batch": updates["eager"], "compiled_update_s_per_batch": updates["compiled"],
+              "update_s_per_batch": updates["eager"],
+              "compiled_update_s_per_batch": updates["compiled"],
               "plain_collector_fps": plain, "raw_dm_control_2proc_steps_per_s": raw,
               "raw_before": raw_before, "raw_after": raw_after,
               "machine": platform.processor() or platform.machine()}

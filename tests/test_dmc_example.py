@@ -84,9 +84,11 @@ def test_compiled_update_trains_like_the_eager_one_and_compiles_once(tmp_path):
     assert compiled.returncode == 0, compiled.stderr[-3000:]
     assert "Recompiling" not in compiled.stderr, compiled.stderr[-3000:]
     # the first batch is the same data: its 8 updates agree to float rounding
-    first_eager, first_compiled = read_curve(tmp_path / "eager")[0], read_curve(tmp_path / "compiled")[0]
+    eager_row = read_curve(tmp_path / "eager")[0]
+    compiled_row = read_curve(tmp_path / "compiled")[0]
     for key in STATISTICS:
-        assert float(first_compiled[key]) == pytest.approx(float(first_eager[key]), rel=1e-4, abs=1e-7), key
+        expected = pytest.approx(float(eager_row[key]), rel=1e-4, abs=1e-7)
+        assert float(compiled_row[key]) == expected, key
 
 
 @pytest.mark.timeout(360)
