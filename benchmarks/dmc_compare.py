@@ -3,6 +3,7 @@
     python benchmarks/dmc_compare.py                       # 3 tasks x 2 losses x 3 seeds, 1M frames
     python benchmarks/dmc_compare.py --frames 200000       # a shorter matrix
     python benchmarks/dmc_compare.py --sweep --frames 100000 --seeds 0
+    python benchmarks/dmc_compare.py --sweep --lambdas 2.5 --targets 0.02   # only these settings
     python benchmarks/dmc_compare.py --throughput          # frames/s vs the raw simulator
     python benchmarks/dmc_compare.py --workers 1 2         # collection frames/s per worker count
     python benchmarks/dmc_compare.py --report-only         # rebuild the tables from the files
@@ -64,9 +65,17 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
               "| task | " + " | ".join(f"{loss} last 3 evals | {loss} training return"
                                        for loss in losses) + " |",
               "|---|" + "---|---|" * len(losses)]
+    # how far the updates move the policy, and how narrow it ends
+    steps = [f"Update size at {frames} frames, mean ± std over seeds: the approximate KL from "
+             "the behaviour policy to the policy being updated, averaged over each batch's "
+             "optimiser steps (median and 95th percentile over the run's batches), and the "
+             "policy entropy at the end.", "",
+             "| task | " + " | ".join(f"{loss} median KL | {loss} 95th pct KL | {loss} entropy"
+                                      for loss in losses) + " |",
+             "|---|" + "---|---|---|" * len(losses)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        cells, smooth_cells, mean_curves = [], [], {}
+        cells, smooth_cells, step_cells, mean_curves = [], [], [], {}
         for loss in losses:
             runs = [read_curve(d) for d in sorted((out / task / loss).glob("seed*"))]
             runs = [r for r in runs if r and r[-1]["frames"] >= frames]
@@ -75,12 +84,19 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
             if not curves:
                 cells.append("-")
                 smooth_cells += ["-", "-"]
+                step_cells += ["-", "-", "-"]
                 continue
             last3 = np.array([c[1][-3:].mean() for c in curves])
             train = np.array([np.nanmean([r["train_return"] for r in run
                                           if r["frames"] > 0.9 * frames]) for run in runs])
             smooth_cells += [f"{last3.mean():.1f} ± {last3.std():.1f}",
                              f"{np.nanmean(train):.1f} ± {np.nanstd(train):.1f}"]
+            kl = [[r["kl_approx"] for r in run] for run in runs]
+            median_kl = np.array([np.nanmedian(k) for k in kl])
+            high_kl = np.array([np.nanpercentile(k, 95) for k in kl])
+            entropy = np.array([run[-1]["entropy"] for run in runs])
+            step_cells += [f"{v.mean():.4f} ± {v.std():.4f}" for v in (median_kl, high_kl)]
+            step_cells.append(f"{entropy.mean():.2f} ± {entropy.std():.2f}")
             length = min(len(c[0]) for c in curves)
             x = curves[0][0][:length]
             ys = np.stack([c[1][:length] for c in curves])
@@ -94,6 +110,7 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
             reach = "not reached" if np.isnan(needed) else f"{needed:.0f} ({needed / frames:.0%})"
         lines.append(f"| {task} | " + " | ".join(cells) + f" | {reach} |")
         smooth.append(f"| {task} | " + " | ".join(smooth_cells) + " |")
+        steps.append(f"| {task} | " + " | ".join(step_cells) + " |")
         ax.set(title=task, xlabel="frames", ylabel="eval return")
         ax.grid(alpha=0.3)
         if mean_curves:
@@ -101,27 +118,34 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
-    return "\n".join([*lines, "", *smooth])
+    return "\n".join([*lines, "", *smooth, "", *steps])
 
 
 def summarize_sweep(out: Path, task: str, frames: int) -> str:
     lines = [f"Sensitivity on {task} at {frames} frames (final eval return, "
-             "mean over the seeds present; mean ratio variance over training).", "",
-             "| dual | value | final eval return | mean ratio_var | final lambda |",
-             "|---|---|---|---|---|"]
-    for kind, values in (("fixed lambda", FIXED_LAMBDAS), ("adaptive delta", ADAPTIVE_TARGETS)):
-        for value in values:
-            finals, variances, lams = [], [], []
-            for run_dir in sorted((out / "sweep" / task / f"{kind.split()[0]}-{value}").glob("seed*")):
+             "mean over the seeds present; mean ratio variance and median approximate KL "
+             "per batch over training; the last 3 evaluations).", "",
+             "| dual | value | final eval return | last 3 evals | mean ratio_var | median KL "
+             "| final lambda |",
+             "|---|---|---|---|---|---|---|"]
+    for kind in ("fixed lambda", "adaptive delta"):
+        prefix = kind.split()[0] + "-"
+        settings = [d.name.removeprefix(prefix) for d in (out / "sweep" / task).glob(prefix + "*")]
+        for value in sorted(settings, key=float):
+            finals, last3, variances, kls, lams = [], [], [], [], []
+            for run_dir in sorted((out / "sweep" / task / (prefix + value)).glob("seed*")):
                 curve = read_curve(run_dir)
                 x, y = eval_points(curve)
                 if len(x) and x[-1] >= frames:
                     finals.append(y[-1])
+                    last3.append(y[-3:].mean())
                     variances.append(np.nanmean([r["ratio_var"] for r in curve]))
+                    kls.append(np.nanmedian([r.get("kl_approx", np.nan) for r in curve]))
                     lams.append(curve[-1]["lagrange_multiplier"])
             if finals:
                 lines.append(f"| {kind} | {value} | {np.mean(finals):.1f} (n={len(finals)}) | "
-                             f"{np.mean(variances):.4f} | {np.mean(lams):.3g} |")
+                             f"{np.mean(last3):.1f} | {np.mean(variances):.4f} | "
+                             f"{np.mean(kls):.4f} | {np.mean(lams):.3g} |")
     return "\n".join(lines)
 
 
@@ -276,6 +300,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dmc")
     parser.add_argument("--sweep", action="store_true",
                         help="fixed-lambda and adaptive-delta sensitivity on the first task")
+    parser.add_argument("--lambdas", nargs="*", type=float, default=FIXED_LAMBDAS,
+                        help="the fixed multipliers --sweep runs")
+    parser.add_argument("--targets", nargs="*", type=float, default=ADAPTIVE_TARGETS,
+                        help="the ratio-variance targets --sweep runs with the adaptive dual")
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--workers", nargs="+", type=int,
                         help="collection frames/s of the example with these worker counts")
@@ -290,9 +318,9 @@ def main() -> None:
         sections.append(throughput(args.out, args.tasks[0], args.frames))
     elif args.sweep:
         task = args.tasks[0]
-        runs = [(f"fixed-{v}", ["--lagrange-multiplier", str(v)]) for v in FIXED_LAMBDAS]
+        runs = [(f"fixed-{v}", ["--lagrange-multiplier", str(v)]) for v in args.lambdas]
         runs += [(f"adaptive-{v}", ["--dual", "adaptive", "--ratio-var-target", str(v)])
-                 for v in ADAPTIVE_TARGETS]
+                 for v in args.targets]
         for seed in args.seeds:
             for name, flags in runs:
                 if not args.report_only:

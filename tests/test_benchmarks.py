@@ -22,21 +22,23 @@ def write_curve(run_dir: Path, evals: list[float], step=1000, **extra):
     run_dir.mkdir(parents=True)
     with open(run_dir / "curve.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, ["frames", "eval_return", "train_return", "ratio_var",
-                                    "lagrange_multiplier"])
+                                    "lagrange_multiplier", "kl_approx", "entropy"])
         writer.writeheader()
         for i, value in enumerate(evals, start=1):
             writer.writerow({"frames": i * step, "eval_return": value, "train_return": value - 5,
-                             "ratio_var": 0.01, "lagrange_multiplier": extra.get("lam", 2.5)})
+                             "ratio_var": 0.01 * i, "lagrange_multiplier": extra.get("lam", 2.5),
+                             "kl_approx": 0.001 * i * extra.get("kl_scale", 1), "entropy": -i})
 
 
 def test_report_from_partial_results(tmp_path):
     dmc = load("dmc_compare")
     write_curve(tmp_path / "walker-walk" / "r2vpo" / "seed0", [10, 50, 90])
-    write_curve(tmp_path / "walker-walk" / "r2vpo" / "seed1", [20, 70, 110])
+    write_curve(tmp_path / "walker-walk" / "r2vpo" / "seed1", [20, 70, 110], kl_scale=3)
     write_curve(tmp_path / "walker-walk" / "ppo" / "seed0", [10, 30, 60])
     write_curve(tmp_path / "walker-walk" / "ppo" / "seed1", [10, 20])  # unfinished: left out
     report = dmc.summarize(tmp_path, ["walker-walk", "cheetah-run"], ["r2vpo", "ppo"], 3000)
     final, smooth = report.split("Smoother measures")
+    smooth, steps = smooth.split("Update size")
     rows = {line.split("|")[1].strip(): line for line in final.splitlines() if line.startswith("| ")}
     assert "100.0 ± 10.0 (n=2)" in rows["walker-walk"]
     assert "60.0 ± 0.0 (n=1)" in rows["walker-walk"]
@@ -44,8 +46,26 @@ def test_report_from_partial_results(tmp_path):
     assert rows["walker-walk"].rstrip(" |").endswith("2000 (67%)")
     # last 3 evaluations: 50 and 66.7; training return in the last 10% of frames: 85 and 105
     assert "| walker-walk | 58.3 ± 8.3 | 95.0 ± 10.0 | 33.3 ± 0.0 | 55.0 ± 0.0 |" in smooth
+    # KL per batch 0.001 * [1, 2, 3] (x3 in r2vpo's seed 1): medians 0.002 and 0.006,
+    # 95th percentiles 0.0029 and 0.0087; entropy -3 at the end
+    assert ("| walker-walk | 0.0040 ± 0.0020 | 0.0058 ± 0.0029 | -3.00 ± 0.00 "
+            "| 0.0020 ± 0.0000 | 0.0029 ± 0.0000 | -3.00 ± 0.00 |") in steps
     assert rows["cheetah-run"].count("-") >= 3  # no runs yet
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_sweep_report_lists_the_settings_present(tmp_path):
+    dmc = load("dmc_compare")
+    sweep = tmp_path / "sweep" / "walker-walk"
+    write_curve(sweep / "fixed-1.0" / "seed0", [10, 20, 30], lam=1.0)
+    write_curve(sweep / "fixed-1.0" / "seed1", [10, 20, 50], lam=1.0)
+    write_curve(sweep / "adaptive-0.02" / "seed0", [5, 15, 40], lam=0.25, kl_scale=2)
+    write_curve(sweep / "fixed-2.5" / "seed0", [1])  # unfinished: left out
+    rows = [line for line in dmc.summarize_sweep(tmp_path, "walker-walk", 3000).splitlines()
+            if line.startswith("| fixed") or line.startswith("| adaptive")]
+    # ratio_var 0.01 * [1, 2, 3] averages 0.02; KL 0.001 * [1, 2, 3] has median 0.002
+    assert rows == ["| fixed lambda | 1.0 | 40.0 (n=2) | 23.3 | 0.0200 | 0.0020 | 1 |",
+                    "| adaptive delta | 0.02 | 40.0 (n=1) | 20.0 | 0.0200 | 0.0040 | 0.25 |"]
 
 
 @pytest.mark.parametrize("evals, level, expected", [([1, 5, 9], 5, 2000.0), ([1, 2], 5, None)])
