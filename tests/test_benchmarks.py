@@ -42,7 +42,8 @@ def test_report_from_partial_results(tmp_path):
     rows = {line.split("|")[1].strip(): line for line in final.splitlines() if line.startswith("| ")}
     assert "100.0 ± 10.0 (n=2)" in rows["walker-walk"]
     assert "60.0 ± 0.0 (n=1)" in rows["walker-walk"]
-    # mean r2vpo curve [15, 60, 100] first reaches ppo's final 60 at 2000 frames
+    # trailing means of 3 evaluations: r2vpo's [15, 37.5, 58.3] first reaches ppo's final
+    # (10 + 30 + 60) / 3 at 2000 frames
     assert rows["walker-walk"].rstrip(" |").endswith("2000 (67%)")
     # last 3 evaluations: 50 and 66.7; training return in the last 10% of frames: 85 and 105
     assert "| walker-walk | 58.3 ± 8.3 | 95.0 ± 10.0 | 33.3 ± 0.0 | 55.0 ± 0.0 |" in smooth
