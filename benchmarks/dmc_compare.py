@@ -12,7 +12,9 @@ Every (task, loss, seed) run is the example script with its own ``--out``
 directory under ``--out``; a run that was interrupted continues with
 ``--resume``, and a finished one is skipped, so the matrix can be completed over
 several sittings. The report is built from the result files present and written
-to ``<out>/summary.md`` and ``<out>/curves.png``. Both losses share the example's
+to ``<out>/summary.md`` and ``<out>/curves.png`` (``--sweep``: ``sweep.md``);
+``--throughput`` and ``--workers`` measure anew each time and write
+``throughput.{md,json}`` and ``workers.{md,json}``. Both losses share the example's
 networks, data path and hyperparameters; only the loss differs.
 """
 

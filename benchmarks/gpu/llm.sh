@@ -2,8 +2,8 @@
 # The LLM comparison with a larger model on one GPU, as one run with its own time limits.
 #
 # Run from the repository root on a GPU machine with torch (CUDA) and transformers but no
-# network (torchrl and tensordict come as wheels in .whl/ when missing; the package is used
-# from the tree). It warm-starts a 6-layer, 512-wide model of the same character-level
+# network (torchrl and tensordict come as wheels in .whl/, filled by wheels.sh, when missing;
+# the package is used from the tree). It warm-starts a 6-layer, 512-wide model of the same character-level
 # family on difficulty 1-2 problems, runs R2VPO (with reuse), GRPO and GRPO with the same
 # reuse, 3 seeds each, in parallel processes, then measures R2VPOLLMLoss vs GRPOLoss time and
 # peak memory on 64 x 512 tokens. Results go to $OUT/llm (or the first argument):

@@ -3,8 +3,8 @@
 #
 # Run from the repository root on a GPU machine that has Python 3.12 with CUDA builds of torch
 # and jax but no network: the cp312 wheels of torchrl, tensordict, mujoco, mujoco-mjx,
-# playground and their missing dependencies are installed from .whl/ (benchmarks/README.md
-# lists them), the package itself is used from the tree. First the example's update step is
+# playground and their missing dependencies are installed from .whl/ (filled beforehand by
+# benchmarks/gpu/wheels.sh where PyPI is reachable), the package itself is used from the tree. First the example's update step is
 # timed eager and compiled (benchmarks/update_step.py, at most 150 s), then the benchmark runs.
 # Results go to $OUT (or the first argument): results.json, summary.md, curves.png, log.txt and
 # update_step/; other arguments go to benchmarks/playground_compare.py (--compile included).
