@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from dm_control.rl.control import PhysicsError
@@ -169,3 +172,43 @@ def test_playground_without_the_package_names_the_extra(monkeypatch):
                         lambda name, *args: None if name == "mujoco_playground" else find_spec(name, *args))
     with pytest.raises(ImportError, match=r"pip install 'torchrl_r2vpo\[playground\]'"):
         make_env("playground:WalkerWalk", num_envs=2)
+
+
+@pytest.mark.parametrize("name, extra", [("walker-walk", "dmc"), ("HalfCheetah-v5", "gym")])
+def test_missing_simulator_names_the_extra(monkeypatch, name, extra):
+    import importlib.util
+
+    missing = {"dmc": "dm_control", "gym": "gymnasium"}[extra]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda module, *args: None if module == missing else find_spec(module, *args))
+    with pytest.raises(ImportError, match=rf"pip install 'torchrl_r2vpo\[{extra}\]'"):
+        make_env(name)
+
+
+def test_gif_of_a_dm_control_and_a_gymnasium_rollout(tmp_path):
+    # in a subprocess: the OpenGL backend must be chosen before MuJoCo is first imported
+    script = f"""
+import imageio
+from torchrl.envs.utils import RandomPolicy
+from torchrl_r2vpo.envs import make_env, record_rollout_gif, select_mujoco_gl
+
+reason = select_mujoco_gl()
+if reason:
+    print("NO-RENDERER", reason)
+    raise SystemExit
+for name, seed in (("cartpole-balance", 0), ("HalfCheetah-v5", None)):  # unseeded: not reset yet
+    path = {str(tmp_path)!r} + f"/{{name}}.gif"
+    policy = RandomPolicy(make_env(name).action_spec)
+    count = record_rollout_gif(name, policy, path, seed=seed, max_steps=12, every=4, height=48, width=64)
+    frames = imageio.mimread(path)
+    print(name, count, len(frames), frames[0].shape[:2])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if "NO-RENDERER" in result.stdout:
+        pytest.skip(result.stdout.strip())
+    lines = dict(line.split(" ", 1) for line in result.stdout.strip().splitlines())
+    for name in ("cartpole-balance", "HalfCheetah-v5"):
+        count, written, shape = lines[name].split(" ", 2)
+        assert int(count) == int(written) >= 3 and shape == "(48, 64)", lines[name]

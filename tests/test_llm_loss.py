@@ -265,6 +265,18 @@ class TestR2VPOLLM:
                         "loss_ratio_var", "mean_ratio"):
                 torch.testing.assert_close(other.get(key), out.get(key))
 
+    def test_collector_mask_drops_whole_sequences_from_loss_and_statistics(self, actor):
+        data = make_batch(actor)
+        keep = torch.ones(data.shape[0], dtype=torch.bool)
+        keep[1] = False
+        data.set(("collector", "mask"), keep)
+        loss = R2VPOLLMLoss(actor, lagrange_multiplier=1.0, masking_strategy="rlhf")
+        out, reference = loss(data), loss(data[keep].exclude("collector"))
+        for key in ("loss_objective", "loss_ratio_var", "ratio_var", "ratio_sum", "num_tokens",
+                    "mean_ratio", "max_ratio"):
+            torch.testing.assert_close(out.get(key), reference.get(key), msg=key)
+        assert int(loss.count_tokens(data)) == int(reference.num_tokens)
+
     @pytest.mark.parametrize("aggregation", ["token_mean", "prompt_mean"])
     @pytest.mark.parametrize("lam", [0.0, 0.7, 4.0])
     def test_gradient_is_the_effective_advantage(self, actor, aggregation, lam):

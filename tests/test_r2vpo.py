@@ -462,6 +462,13 @@ class TestTorchRLConventions:
         for key in keys:
             torch.testing.assert_close(out[key], valid[key], msg=key)
             assert torch.isfinite(out[key])
+        # the garbage stays out of the backward pass too
+        params = [p for p in loss.parameters() if p.requires_grad]
+        loss_keys = [key for key in keys if key.startswith("loss_")]
+        grads = torch.autograd.grad(sum(out[k] for k in loss_keys), params)
+        valid_grads = torch.autograd.grad(sum(valid[k] for k in loss_keys), params)
+        for grad, valid_grad in zip(grads, valid_grads):
+            torch.testing.assert_close(grad, valid_grad)
         per_sample = R2VPOLoss(actor, make_critic(), reduction="none", **kwargs)(data)
         assert per_sample["loss_ratio_var"].shape == (4, 16)
         assert (per_sample["loss_ratio_var"][~mask] == 0).all()
@@ -492,11 +499,16 @@ class TestBadInput:
         with pytest.raises(ValueError, match="advantage.*'advantage'"):
             R2VPOLoss(actor)(data)
 
-    def test_inf_behaviour_log_prob_names_the_key(self):
+    @pytest.mark.parametrize("delay_actor", [False, True])
+    def test_inf_behaviour_log_prob_names_the_key(self, delay_actor):
+        # with delay_actor the stored log-probability enters only the behaviour ratio
         actor, data = stale_setup()
         data["action_log_prob"][0] = float("-inf")
+        loss = R2VPOLoss(actor, delay_actor=delay_actor)
+        if delay_actor:
+            SoftUpdate(loss, eps=0.9)
         with pytest.raises(ValueError, match="'action_log_prob'"):
-            R2VPOLoss(actor)(data)
+            loss(data)
 
     def test_diverged_policy_is_reported(self):
         actor, data = stale_setup()
@@ -548,9 +560,14 @@ class TestBadInput:
 
     def test_negative_multiplier_assignment_raises(self):
         loss = R2VPOLoss(make_actor())
-        with pytest.raises(ValueError, match="lagrange_multiplier"):
-            loss.lagrange_multiplier = -0.5
+        buffer = loss.lagrange_multiplier
+        for bad in (-0.5, torch.tensor(-0.5), torch.tensor(float("nan")), torch.ones(2)):
+            with pytest.raises(ValueError, match="lagrange_multiplier"):
+                loss.lagrange_multiplier = bad
         assert loss.lagrange_multiplier.item() == 0.5
+        loss.lagrange_multiplier = torch.tensor(2, dtype=torch.float64)  # copied in place
+        assert loss.lagrange_multiplier is buffer and buffer.dtype == torch.float32
+        assert buffer.item() == 2.0
 
     def test_check_finite_can_be_disabled(self):
         actor, data = stale_setup()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -117,6 +119,12 @@ def test_prompt_order_state_dict_round_trip(tokenizer):
 
 
 def test_bad_arguments(tokenizer):
+    # a partial reset would give a group's rows different prompts
+    env = make_env(tokenizer)
+    partial = env.reset()
+    partial["_reset"] = torch.arange(6).eq(0).unsqueeze(-1)
+    with pytest.raises(NotImplementedError, match="whole batch"):
+        env.reset(partial)
     with pytest.raises(ValueError, match="as many answers"):
         TokenGenerationEnv(["a"], [], tokenizer, num_prompts=1)
     with pytest.raises(ValueError, match="max_prompt_length=2"):
@@ -153,6 +161,21 @@ def test_token_by_token_and_fast_path_agree(tokenizer, model):
         if key != ("log_probs", "full"):
             assert (slow[key] == fast[key]).all(), key
     torch.testing.assert_close(slow["log_probs", "full"], fast["log_probs", "full"], atol=1e-5, rtol=0)
+
+
+def test_model_generation_config_does_not_change_what_is_sampled(tokenizer, model):
+    # a hub model's generation config may set a repetition penalty, top-k, ...: sampling must
+    # still follow the tempered softmax whose log-probabilities are recorded
+    configured = copy.deepcopy(model)
+    config = configured.generation_config
+    config.repetition_penalty, config.no_repeat_ngram_size, config.top_k = 5.0, 1, 2
+    batches = []
+    for m in (model, configured):
+        torch.manual_seed(3)
+        batches.append(collect_batch(make_env(tokenizer),
+                                     TransformersBackend(m, tokenizer, max_new_tokens=MAX_NEW)))
+    assert (batches[0]["tokens", "response"] == batches[1]["tokens", "response"]).all()
+    assert configured.generation_config is config and config.top_k == 2  # left as it was
 
 
 def test_actor_rollout_gives_the_sequence_layout(tokenizer, model):

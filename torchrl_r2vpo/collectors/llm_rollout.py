@@ -64,7 +64,8 @@ def sequence_batch(
             ("masks", "all_assistant_mask"): torch.cat(
                 [torch.zeros_like(prompt_mask), response_mask], -1),
             ("log_probs", "full"): torch.cat(
-                [torch.zeros(prompt.shape), response_log_probs.float() * response_mask], -1),
+                [torch.zeros_like(prompt, dtype=torch.float), response_log_probs.float() * response_mask],
+                -1),
             ("next", "reward"): reward.float().view(n, 1),
             ("next", "done"): torch.ones(n, 1, dtype=torch.bool),
             "group": group.view(n),
@@ -122,16 +123,24 @@ class TransformersBackend:
     def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns completions ``[N, max_new_tokens]``, their mask and log-probabilities."""
+        from transformers import GenerationConfig
+
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         was_training = self.model.training
         self.model.eval()
         try:
             device = next(self.model.parameters()).device
-            out = self.model.generate(
-                input_ids=prompt.to(device), attention_mask=prompt_mask.long().to(device),
-                do_sample=True,
-                temperature=self.temperature, top_k=None, top_p=None,
+            # sample from exactly the tempered softmax the log-probabilities below describe:
+            # nothing from the model's own generation config (a hub model's repetition
+            # penalty, top-k, min-p, ...) may reshape the distribution
+            saved, self.model.generation_config = self.model.generation_config, GenerationConfig(
+                do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
                 max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+            try:
+                out = self.model.generate(input_ids=prompt.to(device),
+                                          attention_mask=prompt_mask.long().to(device))
+            finally:
+                self.model.generation_config = saved
             response = torch.full((len(prompt), self.max_new_tokens), pad)
             response[:, : out.shape[-1] - prompt.shape[-1]] = out[:, prompt.shape[-1]:].cpu()
             mask = _completion_mask(response, eos)

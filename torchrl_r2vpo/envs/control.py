@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -50,7 +51,9 @@ def parse_env_name(name: str) -> tuple[str, str | None]:
 
     A name is a dm_control ``domain-task`` when its domain is a dm_control suite
     domain (so ``dm_control/walker-walk-v0``, a gymnasium id, stays a gymnasium
-    id). Tasks may contain underscores (``cartpole-swingup_sparse``).
+    id). Tasks may contain underscores (``cartpole-swingup_sparse``). Without
+    dm_control installed, any lowercase ``domain-task`` name counts as one (gymnasium
+    ids end in a version, ``-v5``), so that :func:`make_env` can say what to install.
 
     Examples:
         >>> parse_env_name("walker-walk")
@@ -61,14 +64,17 @@ def parse_env_name(name: str) -> tuple[str, str | None]:
         ('HalfCheetah-v5', None)
     """
     domain, sep, task = name.partition("-")
-    if sep and task and domain in _dm_control_domains():
-        return domain, task
-    return name, None
+    domains = _dm_control_domains()
+    if domains is None:  # dm_control is not installed
+        is_dm_control = re.fullmatch(r"[a-z_]+-[a-z_]+", name) is not None
+    else:
+        is_dm_control = bool(sep and task) and domain in domains
+    return (domain, task) if is_dm_control else (name, None)
 
 
-def _dm_control_domains() -> set[str]:
+def _dm_control_domains() -> set[str] | None:
     if importlib.util.find_spec("dm_control") is None:
-        return set()
+        return None
     from dm_control import suite
 
     return {domain for domain, _ in suite.ALL_TASKS}
@@ -398,6 +404,8 @@ def record_rollout_gif(
     """
     import imageio
 
+    if name.startswith(PLAYGROUND_PREFIX):
+        raise ValueError(f"record_rollout_gif renders dm_control and gymnasium environments, not {name!r}.")
     env = make_env(name, seed=seed)
     base = env.base_env
     if isinstance(base, DMControlEnv):
@@ -408,14 +416,17 @@ def record_rollout_gif(
 
         frame_seconds = physics.timestep() * base._env._n_sub_steps
     else:  # gymnasium: rebuild with an rgb_array renderer
-        env = TransformedEnv(
-            GymEnv(name, render_mode="rgb_array", width=width, height=height), env.transform.clone()
-        )
+        try:  # MuJoCo environments take the frame size, classic control ones do not
+            gym_env = GymEnv(name, render_mode="rgb_array", width=width, height=height)
+        except TypeError:
+            gym_env = GymEnv(name, render_mode="rgb_array")
+        env = TransformedEnv(gym_env, env.transform.clone())
         if seed is not None:
             env.set_seed(seed)
         render = env.base_env._env.render
         frame_seconds = getattr(env.base_env._env.unwrapped, "dt", 0.05)
 
+    start = env.reset()  # gymnasium renders only after a reset; the GIF starts from this state
     frames = [render()]
     step = [0]
 
@@ -425,7 +436,8 @@ def record_rollout_gif(
             frames.append(render())
 
     with torch.no_grad():
-        env.rollout(max_steps, policy, callback=grab, break_when_any_done=True)
+        env.rollout(max_steps, policy, callback=grab, break_when_any_done=True,
+                    auto_reset=False, tensordict=start)
     env.close()
     imageio.mimsave(path, frames, duration=1000 * every * frame_seconds, loop=0)
     return len(frames)

@@ -160,6 +160,12 @@ class TokenGenerationEnv(EnvBase):
         return torch.cat(taken)
 
     def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        if tensordict is not None and "_reset" in tensordict.keys() and not tensordict["_reset"].all():
+            raise NotImplementedError(
+                "TokenGenerationEnv resets the whole batch (the completions of a group must "
+                "answer the same prompt), not some rows: roll it out until every row is done, "
+                "e.g. env.rollout(env.max_new_tokens, policy, break_when_any_done=False, "
+                "break_when_all_done=True), or use collect_batch.")
         index = self._next_problems().repeat_interleave(self.group_size)
         n, slots = self.batch_size[0], self.max_new_tokens
         tokens = torch.cat([self.prompt_tokens[index],
@@ -222,9 +228,10 @@ class _NextTokenLogits(nn.Module):
         self.model = model
 
     def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        last = (attention_mask * torch.arange(attention_mask.shape[-1])).argmax(-1)
+        positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)
+        last = (attention_mask * positions).argmax(-1)
         logits = self.model(input_ids=tokens, attention_mask=attention_mask.long()).logits
-        return logits[torch.arange(len(tokens)), last].float()
+        return logits[torch.arange(len(tokens), device=logits.device), last].float()
 
 
 def NextTokenActor(model: nn.Module, env: TokenGenerationEnv, *, temperature: float = 1.0) -> ProbabilisticActor:
@@ -261,7 +268,7 @@ def sequences_from_rollout(rollout: TensorDictBase, env: TokenGenerationEnv) -> 
     response = last["tokens"][:, width:]
     response_mask = last["attention_mask"][:, width:]
     steps = rollout.shape[1]
-    log_probs = torch.zeros(response.shape)
+    log_probs = torch.zeros_like(response, dtype=torch.float)
     log_probs[:, :steps] = rollout["action_log_prob"][:, : env.max_new_tokens]
     return sequence_batch(
         prompt=last["tokens"][:, :width], prompt_mask=last["attention_mask"][:, :width],

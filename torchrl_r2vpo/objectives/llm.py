@@ -46,7 +46,7 @@ from torchrl.modules.distributions.utils import is_dynamo_compiling
 from torchrl.objectives.llm import CISPOLoss, DAPO, GRPOLoss, LLMLossOutput
 from torchrl.objectives.llm.grpo import CISPOLossOutput, DAPOLossOutput, GRPOLossOutput
 
-from torchrl_r2vpo.objectives.r2vpo import _check_non_negative, _LagrangianMixin
+from torchrl_r2vpo.objectives.r2vpo import _check_non_negative, _LagrangianMixin, _loss_validity_mask
 
 __all__ = [
     "CISPOLLMLoss",
@@ -236,7 +236,14 @@ class _AccumulationMixin:
         log_prob = padded(self.tensor_keys.sample_log_prob, 0.0)
         if log_prob is None:
             raise KeyError(f"The behaviour log-probability {self.tensor_keys.sample_log_prob} is missing.")
-        return mask & torch.isfinite(log_prob)
+        return self._with_loss_masks(tensordict, mask & torch.isfinite(log_prob))
+
+    def _with_loss_masks(self, tensordict: TensorDictBase, mask: torch.Tensor) -> torch.Tensor:
+        """``mask`` and the validity masks the loss reduction applies (e.g. a sampler's
+        ``("collector", "mask")``), so that counts and statistics cover the tokens the loss
+        does."""
+        valid = _loss_validity_mask(self, tensordict, mask)
+        return mask if valid is None else mask & valid
 
     def count_tokens(self, tensordict: TensorDictBase) -> torch.Tensor:
         """The number of valid tokens in ``tensordict``, as a scalar tensor (no sync)."""
@@ -483,7 +490,7 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
         log_weight, dist, kl_approx, mask = self._log_weight(
             tensordict, adv_shape=advantage.shape[:-1]
         )
-        mask = self._apply_kl_mask(tensordict, mask)
+        mask = self._with_loss_masks(tensordict, self._apply_kl_mask(tensordict, mask))
         if advantage.ndim != log_weight.ndim:
             raise ValueError(
                 "advantage and log_weight must have the same number of dimensions, got "

@@ -8,7 +8,7 @@ import torch
 from tensordict import is_tensor_collection, TensorDict, TensorDictBase
 from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
 from torchrl.modules.distributions.utils import is_dynamo_compiling
-from torchrl.objectives import PPOLoss
+from torchrl.objectives import LossModule, PPOLoss
 from torchrl.objectives.ppo import (
     _broadcast_advantage_to_log_weight,
     _check_advantage_broadcast,
@@ -31,6 +31,20 @@ def masked_mean(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return value.mean()
     value = torch.where(mask, value, torch.zeros_like(value))
     return value.sum() / mask.sum().clamp_min(1)
+
+
+def _loss_validity_mask(loss: LossModule, tensordict: TensorDictBase,
+                        like: torch.Tensor) -> torch.Tensor | None:
+    """The validity masks ``loss._reduce_loss`` applies (its ``loss_mask_key``: by default
+    ``("collector", "mask")`` and ``"shifted_valid"``), expanded to ``like``; ``None`` if the
+    input has none."""
+    mask = None
+    for key in loss._loss_mask_keys():
+        entry = tensordict.get(key, default=None)
+        if entry is not None:
+            entry = loss._expand_loss_mask(entry, like)
+            mask = entry if mask is None else mask & entry
+    return mask
 
 
 class _LagrangianMixin:
@@ -76,6 +90,10 @@ class _LagrangianMixin:
         self._lagrange_multiplier_init = float(lagrange_multiplier)
 
     def __setattr__(self, name: str, value) -> None:
+        if name in _NON_NEGATIVE_COEFFS and isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}.")
+            value = value.item()  # then copied into the buffer, keeping its device and dtype
         if name in _NON_NEGATIVE_COEFFS and isinstance(value, (int, float)):
             _check_non_negative(name, value)
         super().__setattr__(name, value)
@@ -268,25 +286,13 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
     def out_keys(self, values):
         self._out_keys = values
 
-    def _valid_mask(
-        self, tensordict: TensorDictBase, like: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The validity mask :meth:`_reduce_loss` applies, expanded to ``like``."""
-        mask = None
-        for key in self._loss_mask_keys():
-            entry = tensordict.get(key, default=None)
-            if entry is not None:
-                entry = self._expand_loss_mask(entry, like)
-                mask = entry if mask is None else mask & entry
-        return mask
-
     def _standardize_advantage(
         self, advantage: torch.Tensor, tensordict: TensorDictBase
     ) -> torch.Tensor:
         # PPOLoss masks with "shifted_valid" only, and multiplies (inf * 0 = nan):
         # standardise over every validity mask, exactly as on the valid positions
         # alone (mean, unbiased std), selecting padding away
-        mask = self._valid_mask(tensordict, advantage)
+        mask = _loss_validity_mask(self, tensordict, advantage)
         if mask is None:
             return super()._standardize_advantage(advantage, tensordict)
         exclude = {d % advantage.ndim for d in self.normalize_advantage_exclude_dims}
@@ -302,18 +308,20 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
         self,
         tensordict: TensorDictBase,
         log_weight: torch.Tensor,
-        ratio: torch.Tensor,
+        ratios: torch.Tensor,
         advantage: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> None:
+        """Raises a ``ValueError`` naming the input that made ``ratios`` (the proximal and
+        behaviour ratios, stacked) or the advantage non-finite at valid positions."""
         def all_finite(value):
             finite = torch.isfinite(value)
             if mask is not None:
                 finite = finite | ~mask
             return bool(finite.all())
 
-        if all_finite(torch.stack([ratio, advantage.expand_as(ratio)])):
-            return
+        if all_finite(torch.cat([ratios, advantage.expand_as(ratios[0]).unsqueeze(0)])):
+            return  # one host sync when all is well
         if not all_finite(advantage):
             raise ValueError(
                 f"The advantage (key {self.tensor_keys.advantage!r}) holds NaN or inf "
@@ -371,16 +379,22 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
         )
         advantage = _broadcast_advantage_to_log_weight(advantage, log_weight)
         _check_advantage_broadcast(advantage, log_weight)
-        mask = self._valid_mask(tensordict, log_weight)
+        mask = _loss_validity_mask(self, tensordict, log_weight)
+        if mask is not None:
+            # padding stays out of the backward pass too (0 * inf would be NaN there)
+            log_weight = torch.where(mask, log_weight, 0)
+            if log_is_weight is not None:
+                log_is_weight = torch.where(mask, log_is_weight, 0)
         # the constraint acts on the proximal ratio (the behaviour ratio unless
         # delay_actor), uncapped; the objective on the (capped) behaviour ratio
         ratio = log_weight.exp()
-        if self.check_finite and not is_dynamo_compiling():
-            self._check_finite(tensordict, log_weight, ratio, advantage, mask)
         if log_is_weight is None:
             behaviour_ratio = ratio
         else:
             behaviour_ratio = (log_weight + log_is_weight).exp()
+        if self.check_finite and not is_dynamo_compiling():
+            self._check_finite(tensordict, log_weight, torch.stack([ratio, behaviour_ratio]),
+                               advantage, mask)
 
         if self.variance_center == "mean":
             center = masked_mean(ratio.detach(), mask)
