@@ -197,12 +197,7 @@ def main() -> None:
     parser.add_argument("--lagrange-multiplier", type=float, default=1.0)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads(THREADS)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--json",
-        metavar="PATH",
-        default=str(Path(__file__).parent / "results" / "llm_loss_cost.json"),
-        help="where to write the results ('' to skip)",
-    )
+    parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args()
 
     if args.threads is not None:
