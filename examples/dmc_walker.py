@@ -55,6 +55,9 @@ from torchrl_r2vpo.collectors import staleness_stats
 from torchrl_r2vpo.envs import make_env, record_rollout_gif, select_mujoco_gl
 from torchrl_r2vpo.modules import RunningObservationNorm
 
+from run_state import (append_row, check_resumable, rng_state, save_checkpoint, set_rng_state,
+                       truncate_curve)
+
 
 @dataclass
 class Config:
@@ -92,6 +95,23 @@ class Config:
     resume: bool = False
     video: bool = True
 
+    def __post_init__(self):
+        playground = self.env.startswith("playground:")
+        if self.device != "cpu" and not playground:
+            raise ValueError(f"--device {self.device} is for playground: environments; dm_control and "
+                             "gymnasium simulate on the CPU, and this example trains them there.")
+        per_batch = self.num_envs * self.num_workers  # the collector's batches are whole steps
+        if self.frames_per_batch % per_batch:
+            raise ValueError(f"--frames-per-batch {self.frames_per_batch} must be a multiple of "
+                             f"--num-envs x --num-workers = {per_batch}.")
+        if not 0 < self.minibatch_size <= self.frames_per_batch or self.epochs < 1:
+            raise ValueError("--minibatch-size must be in [1, --frames-per-batch] and --epochs >= 1.")
+
+
+# settings a resumed run may change; every other one must match the checkpoint's
+RESUMABLE_CHANGES = {"frames", "device", "compile", "collector", "eval_every", "eval_episodes",
+                     "checkpoint_every", "time_limit", "logger", "out", "resume", "video"}
+
 
 # Playground's tuned Brax PPO configuration for its DeepMind Control tasks: 2048 environments,
 # unrolls of 30 steps, 32 minibatches of 1024 unrolls, 16 epochs, lr 1e-3, discount 0.995,
@@ -121,6 +141,8 @@ HELP = {"env": "dm_control domain-task (walker-walk, cheetah-run, ...), a gymnas
         "ratio_var_target": "r2vpo: delta, the variance target of --dual adaptive",
         "dual_lr": "r2vpo: dual step size per optimiser step (--dual adaptive)",
         "reuse": "also train on the previous K batches (stale data)",
+        "eval_episodes": "deterministic evaluation episodes, run side by side (Playground: "
+                         "the --num-envs training batch)",
         "out": "directory for the curve, plot, checkpoint, logs and GIF",
         "resume": "continue from --out/checkpoint.pt", "video": "save a GIF of the policy"}
 
@@ -252,6 +274,8 @@ def evaluate(env, actor) -> float:
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
         rollout = env.rollout(100_000, actor, break_when_any_done=False,
                               break_when_all_done=True)
+    if rollout.ndim == 1:  # a single environment is not batched
+        rollout = rollout.unsqueeze(0)
     done = rollout["next", "done"].squeeze(-1)  # [episodes, T]
     last = torch.full_like(done[:, :1], done.shape[-1] - 1, dtype=torch.long)
     first_done = torch.where(done.any(-1, keepdim=True), done.int().argmax(-1, keepdim=True), last)
@@ -265,12 +289,6 @@ def ratio_stats_by_staleness(loss, stored: TensorDict, version: int) -> dict[str
         log_prob, _, _ = loss._get_cur_log_prob(stored.clone(False))
         ratio = (log_prob - stored[loss.tensor_keys.sample_log_prob]).exp()
     return staleness_stats(ratio, version - stored["policy_version"])
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interruption never leaves a torn checkpoint
 
 
 def try_record_video(env_name: str, actor, path: Path, seed: int, gl_problem: str | None) -> str:
@@ -357,11 +375,8 @@ def main(cfg: Config, env=None) -> dict:
     # --- resume -------------------------------------------------------------------------
     frames, version, logger_state = 0, 0, None
     if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        for key in ("env", "loss", "reuse", "num_envs", "num_workers", "frames_per_batch"):
-            if ckpt["config"][key] != getattr(cfg, key):
-                raise ValueError(f"--resume: the checkpoint has {key}={ckpt['config'][key]!r}, "
-                                 f"not {getattr(cfg, key)!r}")
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
+        check_resumable(ckpt["config"], cfg, RESUMABLE_CHANGES)
         loss.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # the checkpoint's run may have compiled or not
@@ -370,20 +385,12 @@ def main(cfg: Config, env=None) -> dict:
             scheduler.load_state_dict(ckpt["scheduler"])
         history.load_state_dict(ckpt["history"])
         frames, version, logger_state = ckpt["frames"], ckpt["version"], ckpt["logger"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        set_rng_state(ckpt["rng"])
         print(f"resumed at frame {frames}: lambda {getattr(loss, 'lagrange_multiplier', float('nan')):.9g}, "
               f"observation count {int(obs_norm.count)}")
     elif cfg.resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
-    if curve_path.exists():  # keep the rows the checkpoint covers: the curve continues from it
-        with open(curve_path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["frames"]) <= frames]
-        with open(curve_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, CURVE_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+    truncate_curve(curve_path, "frames", frames, CURVE_FIELDS)
 
     try:
         logger = get_logger(cfg.logger, logger_name=str(out / "logs"),
@@ -408,8 +415,7 @@ def main(cfg: Config, env=None) -> dict:
             loss=loss.state_dict(), optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict() if scheduler is not None else None,
             history=history.state_dict(), logger=logger.state_dict(),
-            rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                 "python": random.getstate()}))
+            rng=rng_state()))
 
     last_state = snapshot()
     update = make_update(loss, optimizer, cfg.max_grad_norm, compile=cfg.compile)
@@ -478,11 +484,7 @@ def main(cfg: Config, env=None) -> dict:
             for key, value in {**row, **staleness}.items():
                 if key != "frames" and value != "":
                     logger.log_scalar(key, value, step=frames)
-            with open(curve_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, CURVE_FIELDS)
-                if f.tell() == 0:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_row(curve_path, CURVE_FIELDS, row)
             last_state = snapshot()
             if frames // cfg.checkpoint_every > last_ckpt or frames >= cfg.frames or stop:
                 last_ckpt = frames // cfg.checkpoint_every

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
 import random
 import time
@@ -51,6 +50,9 @@ from torchrl_r2vpo.modules.math_lm import (
 )
 from torchrl_r2vpo.objectives.llm import LLM_LOSSES, make_llm_loss
 
+from run_state import (append_row, check_resumable, rng_state, save_checkpoint, set_rng_state,
+                       truncate_curve)
+
 
 @dataclass
 class Config:
@@ -82,6 +84,15 @@ class Config:
     logger: str = "csv"  # csv | tensorboard | wandb
     out: str = "runs/llm_math"
     resume: bool = False
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.minibatch_size < 1:
+            raise ValueError("--epochs and --minibatch-size must be >= 1.")
+
+
+# settings a resumed run may change; every other one must match the checkpoint's
+RESUMABLE_CHANGES = {"rollouts", "device", "threads", "backend", "num_test", "eval_every",
+                     "checkpoint_every", "logger", "out", "resume"}
 
 
 CHOICES = {"backend": ["transformers", "vllm"], "loss": sorted(LLM_LOSSES), "dual": ["adaptive", "fixed"],
@@ -120,13 +131,15 @@ def make_loss(cfg: Config, scorer):
     return loss, scheduler
 
 
-def make_backend(cfg: Config, model, tokenizer, out: Path):
+def make_backend(cfg: Config, model, tokenizer, out: Path, version: int = 0):
     if cfg.backend == "transformers":
         return TransformersBackend(model, tokenizer, max_new_tokens=cfg.max_new_tokens)
     path = out / "vllm_model"  # vLLM loads its own copy; weights are synced after each update
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    return VLLMBackend(model, tokenizer, str(path), max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    # a resumed run must not replay the engine's first draws: seed it by the policy version
+    return VLLMBackend(model, tokenizer, str(path), max_new_tokens=cfg.max_new_tokens,
+                       seed=cfg.seed + version)
 
 
 def ratios_by_age(model, stored, version: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,12 +151,6 @@ def ratios_by_age(model, stored, version: int) -> tuple[torch.Tensor, torch.Tens
                                    stored["tokens", "response"], mask)
     ratio = (log_probs - stored["log_probs", "full"][:, width:]).exp()
     return ratio, mask, version - stored["policy_version"]
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interruption never leaves a torn checkpoint
 
 
 def plot_run(rows: list[dict], samples: dict[int, torch.Tensor], out: Path, title: str) -> None:
@@ -214,11 +221,8 @@ def main(cfg: Config) -> dict:
     # --- resume -------------------------------------------------------------------------
     rollouts, version, logger_state, initial_accuracy = 0, 0, None, None
     if cfg.resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        for key in ("model", "loss", "reuse", "num_prompts", "group_size", "difficulty"):
-            if ckpt["config"][key] != getattr(cfg, key):
-                raise ValueError(f"--resume: the checkpoint has {key}={ckpt['config'][key]!r}, "
-                                 f"not {getattr(cfg, key)!r}")
+        ckpt = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        check_resumable(ckpt["config"], cfg, RESUMABLE_CHANGES)
         loss.load_state_dict(ckpt["loss"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None:
@@ -227,22 +231,13 @@ def main(cfg: Config) -> dict:
         env.load_state_dict(ckpt["env"])
         rollouts, version, logger_state = ckpt["rollouts"], ckpt["version"], ckpt["logger"]
         initial_accuracy = ckpt["initial_accuracy"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        np.random.set_state(ckpt["rng"]["numpy"])
-        random.setstate(ckpt["rng"]["python"])
+        set_rng_state(ckpt["rng"])
         print(f"resumed at {rollouts} rollouts: lambda "
               f"{float(getattr(loss, 'lagrange_multiplier', float('nan'))):.9g}, "
               f"{len(history)} stored completions")
     elif cfg.resume:
         print(f"--resume: no checkpoint in {out}, starting from scratch")
-    rows = []
-    if curve_path.exists():  # keep the rows the checkpoint covers: the curve continues from it
-        with open(curve_path) as f:
-            rows = [r for r in csv.DictReader(f) if int(r["rollouts"]) <= rollouts]
-        with open(curve_path, "w", newline="") as f:
-            writer = csv.DictWriter(f, CURVE_FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+    rows = truncate_curve(curve_path, "rollouts", rollouts, CURVE_FIELDS)
     if initial_accuracy is None:
         initial_accuracy = accuracy()
     print(f"held-out accuracy before training: {initial_accuracy:.3f} ({len(test)} problems)")
@@ -254,7 +249,7 @@ def main(cfg: Config) -> dict:
     except ImportError as err:
         raise SystemExit(f"--logger {cfg.logger} needs its package: pip install {cfg.logger} "
                          f"({err})") from err
-    backend = make_backend(cfg, model, tokenizer, out)
+    backend = make_backend(cfg, model, tokenizer, out, version)
 
     def snapshot() -> dict:
         """The whole training state, copied: taken after each iteration, saved as a checkpoint."""
@@ -264,8 +259,7 @@ def main(cfg: Config) -> dict:
             optimizer=optimizer.state_dict(),
             scheduler=scheduler.state_dict() if scheduler is not None else None,
             history=history.state_dict(), env=env.state_dict(), logger=logger.state_dict(),
-            rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                 "python": random.getstate()}))
+            rng=rng_state()))
 
     last_state = snapshot()
     ratio_samples: dict[int, list[torch.Tensor]] = {}
@@ -334,11 +328,7 @@ def main(cfg: Config) -> dict:
             for key, value in {**row, **staleness}.items():
                 if key != "rollouts" and value != "":
                     logger.log_scalar(key, value, step=rollouts)
-            with open(curve_path, "a", newline="") as f:
-                writer = csv.DictWriter(f, CURVE_FIELDS)
-                if f.tell() == 0:
-                    writer.writeheader()
-                writer.writerow(row)
+            append_row(curve_path, CURVE_FIELDS, row)
             rows.append(row)
             last_state = snapshot()
             if rollouts // cfg.checkpoint_every > last_ckpt or rollouts >= cfg.rollouts:

@@ -131,9 +131,13 @@ def test_interrupt_and_resume_continue_the_run(tmp_path):
     # the normaliser kept its statistics and added the new batch
     assert final["loss"]["actor_network_params.module.0.module.0.count"].item() == count + 1024
     # a resume that would change the shape of the stored batches is refused, by name
-    bad = run_example("--frames", str(frames + 2048), "--reuse", "1", "--resume",
-                      "--out", str(tmp_path))
+    bad = run_example("--frames", str(frames + 2048), "--dual", "adaptive", "--reuse", "1",
+                      "--resume", "--out", str(tmp_path))
     assert bad.returncode != 0 and "reuse=0" in bad.stderr
+    # so is one that would silently keep the checkpoint's loss coefficients
+    bad = run_example("--frames", str(frames + 2048), "--dual", "adaptive", "--entropy-coeff",
+                      "0.01", "--resume", "--out", str(tmp_path))
+    assert bad.returncode != 0 and "entropy_coeff=0.0" in bad.stderr
 
 
 def test_playground_preset_is_shared_and_flags_given_win():
@@ -151,3 +155,29 @@ def test_playground_preset_is_shared_and_flags_given_win():
             assert getattr(cfg, key) == PLAYGROUND[key]
     assert PLAYGROUND["frames_per_batch"] == 2048 * 30 * 16  # Brax: envs x unroll x 16 unrolls
     assert PLAYGROUND["frames_per_batch"] // PLAYGROUND["minibatch_size"] == 32
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], "for playground: environments"),
+    (["--num-envs", "24"], "multiple of --num-envs x --num-workers = 48"),
+    (["--minibatch-size", "8192"], "--minibatch-size must be in"),
+    (["--epochs", "0"], "--epochs >= 1"),
+])
+def test_inconsistent_flags_are_refused_by_name(flags, message):
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from dmc_walker import parse_args
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_args(flags)
+
+
+def test_evaluation_in_a_single_environment():
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from dmc_walker import evaluate, make_agent
+
+    from torchrl_r2vpo.envs import make_env
+
+    env = make_env("cartpole-balance", num_envs=1, seed=0)  # not batched
+    actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
+                             env.action_spec.shape[-1])
+    assert 0 < evaluate(env, actor) <= 1000  # one 1000-step episode of rewards in [0, 1]

@@ -14,6 +14,7 @@ from torchrl_r2vpo import LLM_LOSSES
 from torchrl_r2vpo.modules.math_lm import build_math_lm, build_math_tokenizer
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "llm_math.py"
+sys.path.insert(0, str(EXAMPLE.parent))  # as when run as a script: its helpers sit beside it
 SPEC = importlib.util.spec_from_file_location("llm_math", EXAMPLE)
 llm_math = sys.modules["llm_math"] = importlib.util.module_from_spec(SPEC)  # dataclasses need it
 SPEC.loader.exec_module(llm_math)
@@ -94,8 +95,15 @@ def test_ctrl_c_saves_the_last_complete_iteration(tmp_path, tiny_model, monkeypa
 
 def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
     llm_math.main(config(tmp_path, tiny_model, rollouts=16))
-    with pytest.raises(ValueError, match="reuse=2"):
-        llm_math.main(config(tmp_path, tiny_model, reuse=0, resume=True))
+    # each would change the stored batches' layout, their content, or the training itself
+    for change, saved in ((dict(reuse=0), "reuse=2"), (dict(max_new_tokens=8), "max_new_tokens=6"),
+                          (dict(kl_to_ref=0.1), "kl_to_ref=0.0"), (dict(lr=1e-3), "lr=0.0003")):
+        with pytest.raises(ValueError, match=saved):
+            llm_math.main(config(tmp_path, tiny_model, resume=True, rollouts=32, **change))
+    # what only schedules evaluation or names the budget may change
+    result = llm_math.main(config(tmp_path, tiny_model, resume=True, rollouts=32, num_test=8,
+                                  eval_every=1000))
+    assert result["rollouts"] == 32
 
 
 def test_training_raises_the_reward_on_a_toy_task(tmp_path):
