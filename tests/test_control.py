@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -204,7 +205,9 @@ for name, seed in (("cartpole-balance", 0), ("HalfCheetah-v5", None)):  # unseed
     frames = imageio.mimread(path)
     print(name, count, len(frames), frames[0].shape[:2])
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}  # other tests may disable it
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     if "NO-RENDERER" in result.stdout:
         pytest.skip(result.stdout.strip())
