@@ -5,7 +5,7 @@
     python benchmarks/dmc_compare.py --sweep --frames 100000 --seeds 0
     python benchmarks/dmc_compare.py --sweep --lambdas 2.5 --targets 0.02   # only these settings
     python benchmarks/dmc_compare.py --throughput          # frames/s vs the raw simulator
-    python benchmarks/dmc_compare.py --workers 1 2         # collection frames/s per worker count
+    python benchmarks/dmc_compare.py --workers 1 2         # collection frames/s per worker count, 5 repeats
     python benchmarks/dmc_compare.py --report-only         # rebuild the tables from the files
 
 Every (task, loss, seed) run is the example script with its own ``--out``
@@ -244,22 +244,34 @@ def collection_rate(task: str, num_workers: int, batches: int = 6) -> float:
     return rate
 
 
-def workers(out: Path, task: str, counts: list[int]) -> str:
+def workers(out: Path, task: str, counts: list[int], repeats: int = 1) -> str:
     """Collection frames/s per worker count, beside the raw simulator's rate in as many
-    processes: how well the machine itself scales bounds what more workers can give."""
-    rates = {n: collection_rate(task, n) for n in counts}
-    raw = {n: raw_rate(task, processes=n) for n in counts}
+    processes: how well the machine itself scales bounds what more workers can give. The
+    counts are measured in turn, ``repeats`` times, and compared within each repeat."""
+    rates = {n: [] for n in counts}
+    raw = {n: [] for n in counts}
+    for _ in range(repeats):
+        for n in counts:
+            rates[n].append(collection_rate(task, n))
+            raw[n].append(raw_rate(task, processes=n))
     (out / "workers.json").write_text(json.dumps(
         {"task": task, "frames_per_s": rates, "raw_dm_control_steps_per_s": raw,
          "machine": platform.processor() or platform.machine()}, indent=2))
     base = counts[0]
+
+    def ratios(values: dict, n: int) -> str:  # median, then each repeat's ratio
+        each = [v / b for v, b in zip(values[n], values[base])]
+        return f"{statistics.median(each):.2f}x ({', '.join(f'{r:.2f}' for r in each)})"
+
     return "\n".join([
         f"Collection only on {task} (16 environments per worker, 4096 frames per batch, "
-        "5 batches after a warm-up one), and random-action dm_control in as many processes:", "",
+        "5 batches after a warm-up one), and random-action dm_control in as many processes; "
+        f"medians over {repeats} repeat(s), each measuring every count in turn, and each "
+        "repeat's ratio:", "",
         "| workers | frames/s | vs 1 worker | raw dm_control steps/s | raw vs 1 process |",
         "|---|---|---|---|---|",
-        *[f"| {n} | {rates[n]:.0f} | {rates[n] / rates[base]:.2f}x | {raw[n]:.0f} | "
-          f"{raw[n] / raw[base]:.2f}x |" for n in counts]])
+        *[f"| {n} | {statistics.median(rates[n]):.0f} | {ratios(rates, n)} "
+          f"| {statistics.median(raw[n]):.0f} | {ratios(raw, n)} |" for n in counts]])
 
 
 def throughput(out: Path, task: str, frames: int) -> str:
@@ -316,13 +328,15 @@ def main() -> None:
     parser.add_argument("--throughput", action="store_true")
     parser.add_argument("--workers", nargs="+", type=int,
                         help="collection frames/s of the example with these worker counts")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="--workers: times each count is measured, in turn")
     parser.add_argument("--report-only", action="store_true")
     args, extra = parser.parse_known_args()  # extra arguments go to the example
     args.out.mkdir(parents=True, exist_ok=True)
 
     sections = []
     if args.workers:
-        sections.append(workers(args.out, args.tasks[0], args.workers))
+        sections.append(workers(args.out, args.tasks[0], args.workers, args.repeats))
     elif args.throughput:
         sections.append(throughput(args.out, args.tasks[0], args.frames))
     elif args.sweep:

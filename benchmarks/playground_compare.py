@@ -28,6 +28,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave the GPU's memory to torch
@@ -76,20 +77,28 @@ def read_curve(run_dir: Path) -> list[dict]:
 
 
 def run_summary(run_dir: Path) -> dict:
-    """What one run's ``curve.csv`` says: frames, returns and the loop's env-steps/s."""
+    """What one run's ``curve.csv`` says: frames, returns, the loop's env-steps/s and the
+    share of each batch's time that GAE and the optimiser steps take."""
     curve = read_curve(run_dir)
     if not curve:
         return {"frames": 0, "rows": []}
-    fps = [r["fps"] for r in curve[1:]] or [curve[0]["fps"]]  # the first batch warms up
+    frames = [r["frames"] for r in curve]
+    sizes = [b - a for a, b in zip([0.0] + frames, frames)]
+    first = 1 if len(curve) > 1 else 0  # the first batch warms up (and compiles, under --compile)
+    fps = [r["fps"] for r in curve[first:]]
+    # a batch took size / fps seconds, update_s of them in GAE and the optimiser steps
+    update_share = [r["update_s"] * r["fps"] / size for r, size in zip(curve[first:], sizes[first:])
+                    if r.get("update_s", "") != ""]
     evals = [(r["frames"], r["eval_return"]) for r in curve if r["eval_return"] != ""]
     return {
         "frames": int(curve[-1]["frames"]),
         "train_s": curve[-1]["time_s"],
         "loop_env_steps_per_s": statistics.median(fps),
+        "update_share": statistics.median(update_share) if update_share else None,
         "final_eval_return": evals[-1][1] if evals else None,
         "eval_frames": int(evals[-1][0]) if evals else None,
-        "rows": [{k: r[k] for k in ("frames", "time_s", "fps", "train_return", "eval_return")}
-                 for r in curve],
+        "rows": [{k: r[k] for k in ("frames", "time_s", "fps", "update_s", "train_return",
+                                    "eval_return") if k in r} for r in curve],
     }
 
 
@@ -115,8 +124,9 @@ def report(results: dict, out: Path) -> str:
              f"{meta['date']}. Training loop = collection + GAE + updates, median env-steps/s "
              "over batches after the first, evaluation excluded.", "",
              "| task | build + compile (s) | random actions (env-steps/s) | loss | seed | frames "
-             "| eval return | training loop (env-steps/s) | loop / Brax PPO |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| eval return | training loop (env-steps/s) | GAE + updates (share of a batch) "
+             "| loop / Brax PPO |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     equal = ["", "Returns at equal steps (the smaller of the two runs' frames; training "
              "return of the stochastic policy, then the deterministic evaluation if both runs "
              "evaluated at those frames):", "",
@@ -134,15 +144,17 @@ def report(results: dict, out: Path) -> str:
             speed = run.get("loop_env_steps_per_s")
             lines.append(
                 f"| {task} | {fmt(entry.get('build_s', 0) + entry.get('compile_s', 0), '.0f')} "
-                f"| {fmt(entry.get('env_steps_per_s'), ',.0f')} | {run['loss']} | {run['seed']} "
+                f"| {fmt(entry.get('env_steps_per_s'), ',.0f')} "
+                f"| {run['loss']}{' (compiled)' if run.get('compiled') else ''} | {run['seed']} "
                 f"| {run.get('frames', 0):,} | {fmt(run.get('final_eval_return'))} "
-                f"| {fmt(speed, ',.0f')} | {fmt(speed / brax if speed and brax else None, '.0%')} |")
+                f"| {fmt(speed, ',.0f')} | {fmt(run.get('update_share'), '.0%')} "
+                f"| {fmt(speed / brax if speed and brax else None, '.0%')} |")
             rows = run.get("rows", [])
             train = [(r["frames"], r["train_return"]) for r in rows if r["train_return"] != ""]
             evals = [(r["frames"], r["eval_return"]) for r in rows if r["eval_return"] != ""]
             color = "C0" if run["loss"] == "r2vpo" else "C1"
             if train:
-                ax.plot(*zip(*train), "-", color=color, label=f"{run['loss']} seed {run['seed']}")
+                ax.plot(*zip(*train), ".-", color=color, label=f"{run['loss']} seed {run['seed']}")
             if evals:
                 ax.plot(*zip(*evals), "o", color=color)
         for seed in sorted({seed for _, seed in by_key}):
@@ -167,7 +179,12 @@ def report(results: dict, out: Path) -> str:
                   "1.1M env-steps/s after a ~33 s compile, evaluation return ~760 after ~20M "
                   "steps; TorchRL's MujocoPlaygroundEnv with random actions, 4096 environments: "
                   "WalkerWalk ~148k, CartpoleSwingupSparse ~359k env-steps/s."]
-    text = "\n".join(lines + equal + references) + "\n"
+    failed = [f"- {task} {run['loss']} seed {run['seed']} failed: {run['error'].strip()}"
+              for task, entry in results["tasks"].items() for run in entry["runs"] if "error" in run]
+    if "compile_error" in meta:
+        failed.append(f"- --compile failed ({meta['compile_error'].strip()}); the runs from then on trained "
+                      "eagerly")
+    text = "\n".join(lines + ([""] + failed if failed else []) + equal + references) + "\n"
     (out / "summary.md").write_text(text)
     return text
 
@@ -211,10 +228,11 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else f"CPU ({platform.processor() or platform.machine()})",
         "num_envs": args.num_envs, "frames": args.frames, "time_limit": args.time_limit,
-        "example_args": extra, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
+        "example_args": list(extra), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
         "tasks": {}}
-    for task in args.tasks:
-        runs = [(loss, seed) for seed in args.seeds for loss in args.losses]
+    runs = [(loss, seed) for seed in args.seeds for loss in args.losses]
+    overhead = 20.0  # seconds a run takes beyond its time limit (start, last batch, evaluation)
+    for t, task in enumerate(args.tasks):
         if time.perf_counter() - start > args.budget - 60:
             print(f"skipping {task}: out of --budget", flush=True)
             continue
@@ -226,29 +244,48 @@ def main() -> None:
               f"{entry['env_steps_per_s']:,.0f} env-steps/s with random actions", flush=True)
         save(results, args.out)
         for i, (loss, seed) in enumerate(runs):
-            left = args.budget - (time.perf_counter() - start)
-            # the remaining runs of this task share what is left, the next tasks' builds aside
-            share = (left - 60 * (len(args.tasks) - 1 - args.tasks.index(task))) / (len(runs) - i)
-            limit = min(args.time_limit, share - 10)  # 10 s for the run's start and evaluation
-            if limit < 5:
-                print(f"skipping {task} {loss} seed {seed}: out of --budget", flush=True)
-                continue
-            run_dir = runs_dir / task / loss / f"seed{seed}"
-            cfg = dmc_walker.parse_args([
-                "--env", f"playground:{task}", "--loss", loss, "--seed", str(seed),
-                "--device", args.device, "--num-envs", str(args.num_envs),
-                "--frames", str(args.frames), "--eval-every", str(args.frames),
-                "--checkpoint-every", str(args.frames), "--time-limit", f"{limit:.0f}",
-                "--out", str(run_dir), *extra])
-            t0 = time.perf_counter()
-            dmc_walker.main(cfg, env=env)
-            run = {"loss": loss, "seed": seed, "wall_s": time.perf_counter() - t0,
-                   "time_limit": limit, **run_summary(run_dir)}
-            entry["runs"].append(run)
-            save(results, args.out)
-            print(f"{task} {loss} seed {seed}: {run['frames']:,} env steps in {run['wall_s']:.0f} s, "
-                  f"eval return {fmt(run.get('final_eval_return'))}, training loop "
-                  f"{fmt(run.get('loop_env_steps_per_s'), ',.0f')} env-steps/s", flush=True)
+            for attempt in range(2):  # a failed compiled run is tried once more, eagerly
+                left = args.budget - (time.perf_counter() - start)
+                later_tasks = len(args.tasks) - 1 - t
+                # every run still to do gets the same time, the later tasks' builds aside
+                share = (left - 60 * later_tasks) / (len(runs) - i + later_tasks * len(runs))
+                limit = min(args.time_limit, share - overhead)
+                if limit < 5:
+                    print(f"skipping {task} {loss} seed {seed}: out of --budget", flush=True)
+                    break
+                run_dir = runs_dir / task / loss / f"seed{seed}"
+                cfg = dmc_walker.parse_args([
+                    "--env", f"playground:{task}", "--loss", loss, "--seed", str(seed),
+                    "--device", args.device, "--num-envs", str(args.num_envs),
+                    "--frames", str(args.frames), "--eval-every", str(args.frames),
+                    "--checkpoint-every", str(args.frames), "--time-limit", f"{limit:.0f}",
+                    "--out", str(run_dir), *extra])
+                t0 = time.perf_counter()
+                torch._dynamo.reset()  # under --compile: no graphs or guards of earlier runs
+                try:
+                    dmc_walker.main(cfg, env=env)
+                except Exception as err:  # the other runs still run
+                    traceback.print_exc()
+                    error = f"{type(err).__name__}: {err}"
+                    if cfg.compile and attempt == 0:
+                        extra.remove("--compile")
+                        results["meta"]["compile_error"] = error
+                        print(f"{task} {loss} seed {seed} failed under --compile; this run and the "
+                              "next train eagerly", flush=True)
+                        continue
+                    run = {"loss": loss, "seed": seed, "error": error, "frames": 0, "rows": []}
+                else:
+                    run = {"loss": loss, "seed": seed, "wall_s": time.perf_counter() - t0,
+                           "time_limit": limit, "compiled": cfg.compile, **run_summary(run_dir)}
+                    batches = max(1, len(run["rows"]))
+                    overhead = run["wall_s"] - run.get("train_s", 0) + run.get("train_s", 0) / batches
+                entry["runs"].append(run)
+                save(results, args.out)
+                print(f"{task} {loss} seed {seed}: {run['frames']:,} env steps in "
+                      f"{fmt(run.get('wall_s'), '.0f')} s, eval return "
+                      f"{fmt(run.get('final_eval_return'))}, training loop "
+                      f"{fmt(run.get('loop_env_steps_per_s'), ',.0f')} env-steps/s", flush=True)
+                break
         env.close()
     results["meta"]["total_s"] = time.perf_counter() - start
     save(results, args.out)

@@ -52,8 +52,7 @@ def build(loss_name: str, minibatch: int, compiled: bool, device: torch.device):
     actor.to(device)
     critic.to(device)
     loss, _ = dmc_walker.make_loss(cfg, actor, critic)
-    lr = torch.tensor(cfg.lr, device=device) if compiled else cfg.lr
-    optimizer = torch.optim.Adam(loss.parameters(), lr=lr, eps=1e-5)
+    optimizer = dmc_walker.make_optimizer(loss, cfg.lr, compiled)
     update = dmc_walker.make_update(loss, optimizer, cfg.max_grad_norm, compile=compiled)
     batches = []
     for _ in range(4):

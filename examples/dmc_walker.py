@@ -206,13 +206,37 @@ def make_loss(cfg: Config, actor, critic):
     return loss, scheduler
 
 
+def make_optimizer(loss, lr: float, compile: bool = False) -> torch.optim.Adam:
+    """Adam over the loss's parameters.
+
+    Under ``compile`` the learning rate is a tensor on the parameters' device, so that
+    annealing it recompiles nothing; on CUDA the optimiser then keeps its step count there
+    (``capturable``), which foreach Adam needs with a tensor learning rate and CUDA graphs need
+    to capture the step.
+    """
+    device = next(loss.parameters()).device
+    capturable = compile and device.type == "cuda"
+    return torch.optim.Adam(loss.parameters(), lr=torch.tensor(lr, device=device) if compile else lr,
+                            eps=1e-5, capturable=capturable)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads a checkpoint's optimiser state but keeps this optimiser's kind of step (its
+    learning rate, a tensor or not, and ``capturable``): the checkpoint's run may have
+    compiled or not. The learning rate is annealed from the frame count anyway."""
+    state = {**state, "param_groups": [
+        {**saved, "lr": group["lr"], "capturable": group["capturable"]}
+        for saved, group in zip(state["param_groups"], optimizer.param_groups)]}
+    optimizer.load_state_dict(state)
+
+
 def make_update(loss, optimizer, max_grad_norm: float, compile: bool = False):
     """One optimiser step on a minibatch (loss, backward, per-network gradient clipping,
     ``optimizer.step``), returning the loss's outputs.
 
     ``compile`` puts the step through ``torch.compile`` after one eager call (TensorDict's
     first-use caches fill there), with CUDA graphs (``mode="reduce-overhead"``) on CUDA; the
-    optimiser's learning rate must then be a tensor, or each change recompiles it.
+    optimiser must then come from :func:`make_optimizer` with ``compile=True``.
     """
     clip_groups = [list(params.values(True, True))
                    for params in (loss.actor_network_params, loss.critic_network_params)]
@@ -230,7 +254,11 @@ def make_update(loss, optimizer, max_grad_norm: float, compile: bool = False):
     if not compile:
         return update
     cuda = next(loss.parameters()).device.type == "cuda"
-    compiled = compile_with_warmup(update, warmup=1, mode="reduce-overhead" if cuda else None)
+    # static shapes: a minibatch always has the same size, and another network size (a later
+    # run in this process) gets a graph of its own, not a dynamic one (on CUDA, torch 2.11
+    # failed to build the guards of such a dynamic graph)
+    compiled = compile_with_warmup(update, warmup=1, mode="reduce-overhead" if cuda else None,
+                                   dynamic=False)
 
     def compiled_update(batch: TensorDict) -> TensorDict:
         torch.compiler.cudagraph_mark_step_begin()
@@ -361,9 +389,7 @@ def main(cfg: Config, env=None) -> dict:
     actor.to(device)
     critic.to(device)
     loss, scheduler = make_loss(cfg, actor, critic)
-    # under --compile the learning rate is a tensor: annealing it then recompiles nothing
-    lr = torch.tensor(cfg.lr, device=device) if cfg.compile else cfg.lr
-    optimizer = torch.optim.Adam(loss.parameters(), lr=lr, eps=1e-5)
+    optimizer = make_optimizer(loss, cfg.lr, cfg.compile)
     gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False,
               device=device)
     # the last K+1 collected batches, each tagged with the policy version that collected it
@@ -378,9 +404,7 @@ def main(cfg: Config, env=None) -> dict:
         ckpt = torch.load(ckpt_path, weights_only=False, map_location=device)
         check_resumable(ckpt["config"], cfg, RESUMABLE_CHANGES)
         loss.load_state_dict(ckpt["loss"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:  # the checkpoint's run may have compiled or not
-            group["lr"] = lr
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
         history.load_state_dict(ckpt["history"])

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -121,7 +122,65 @@ def test_playground_report_compares_at_equal_steps(tmp_path):
                    "build_s": 5.0, "compile_s": 30.0, "env_steps_per_s": 1e6,
                    "runs": [run("r2vpo", [1, 5, 9], {2: 8.0}), run("ppo", [1, 3], {1: 2.0})]}}}
     text = pg.report(results, tmp_path)
-    assert "| CartpoleSwingupSparse | 35 | 1,000,000 | r2vpo | 0 | 3,000 | 8.0 | 550,000 | 50% |" in text
+    assert "| CartpoleSwingupSparse | 35 | 1,000,000 | r2vpo | 0 | 3,000 | 8.0 | 550,000 | - | 50% |" in text
     # equal steps: ppo stopped at 2000, so r2vpo is read at 2000 too; only ppo evaluated there
     assert "| CartpoleSwingupSparse | 0 | 2,000 | 5.0 | 3.0 | - | - |" in text
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_playground_driver_retries_a_failed_compiled_run_eagerly(tmp_path, monkeypatch):
+    pg = load("playground_compare")
+    calls = []
+
+    class Env:
+        def close(self):
+            pass
+
+    def fake_main(cfg, env):  # stands in for examples/dmc_walker.py
+        calls.append((cfg.loss, cfg.compile, cfg.time_limit))
+        if cfg.compile:
+            raise RuntimeError("no CUDA graphs here")
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "curve.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, ["frames", "time_s", "fps", "update_s", "train_return",
+                                        "eval_return"])
+            writer.writeheader()  # 1000-frame batches at 1000 env-steps/s, 0.25 s of updates
+            for i, eval_return in enumerate(["", "", 7.0], start=1):
+                writer.writerow({"frames": 1000 * i, "time_s": i, "fps": 1000.0, "update_s": 0.25,
+                                 "train_return": i, "eval_return": eval_return})
+
+    monkeypatch.setattr(pg, "make_env", lambda *args, **kwargs: Env())
+    monkeypatch.setattr(pg, "env_rate", lambda env, steps, device: (1.0, 5000.0))
+    monkeypatch.setattr(pg.dmc_walker, "main", fake_main)
+    monkeypatch.setattr(sys, "argv", ["playground_compare.py", "--device", "cpu", "--out",
+                                      str(tmp_path), "--tasks", "CartpoleSwingupSparse",
+                                      "--budget", "400", "--time-limit", "100", "--compile"])
+    pg.main()
+    # r2vpo failed compiled and was run again eagerly; ppo then trained eagerly from the start
+    assert [(loss, compiled) for loss, compiled, _ in calls] == [
+        ("r2vpo", True), ("r2vpo", False), ("ppo", False)]
+    assert all(limit == 100 for _, _, limit in calls)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "no CUDA graphs here" in results["meta"]["compile_error"]
+    runs = results["tasks"]["CartpoleSwingupSparse"]["runs"]
+    assert [(run["loss"], run["compiled"]) for run in runs] == [("r2vpo", False), ("ppo", False)]
+    assert runs[0]["update_share"] == pytest.approx(0.25)
+    assert runs[0]["final_eval_return"] == 7.0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "--compile failed (RuntimeError: no CUDA graphs here)" in summary
+    assert "| r2vpo | 0 | 3,000 | 7.0 | 1,000 | 25% | 0% |" in summary
+
+
+def test_worker_scaling_is_compared_within_each_repeat(tmp_path, monkeypatch):
+    dmc = load("dmc_compare")
+    collected = iter([1000.0, 1500.0, 800.0, 1600.0, 1200.0, 1800.0])  # 1, 2 workers in turn
+    raw = iter([5000.0, 9000.0, 4000.0, 8000.0, 5000.0, 10000.0])
+    monkeypatch.setattr(dmc, "collection_rate", lambda task, n: next(collected))
+    monkeypatch.setattr(dmc, "raw_rate", lambda task, processes: next(raw))
+    text = dmc.workers(tmp_path, "walker-walk", [1, 2], repeats=3)
+    # ratios 1.5, 2.0, 1.5: a slow repeat of one count is not compared with a fast one of another
+    assert "| 1 | 1000 | 1.00x (1.00, 1.00, 1.00) | 5000 | 1.00x (1.00, 1.00, 1.00) |" in text
+    assert "| 2 | 1600 | 1.50x (1.50, 2.00, 1.50) | 9000 | 2.00x (1.80, 2.00, 2.00) |" in text
+    assert json.loads((tmp_path / "workers.json").read_text())["frames_per_s"]["2"] == [
+        1500.0, 1600.0, 1800.0]

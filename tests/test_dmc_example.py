@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import re
 import signal
@@ -8,9 +9,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torchrl.data import Bounded, Composite
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "dmc_walker.py"
 SMALL = ["--frames-per-batch", "1024", "--num-envs", "4", "--num-workers", "1", "--epochs", "2",
@@ -181,3 +184,37 @@ def test_evaluation_in_a_single_environment():
     actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
                              env.action_spec.shape[-1])
     assert 0 < evaluate(env, actor) <= 1000  # one 1000-step episode of rewards in [0, 1]
+
+
+def test_compiled_step_is_static_and_its_optimiser_resumes_an_eager_one(monkeypatch):
+    sys.path.insert(0, str(EXAMPLE.parent))
+    dmc = importlib.import_module("dmc_walker")
+    action = Bounded(-1.0, 1.0, shape=(2,))  # what make_agent reads of an env
+    spec = SimpleNamespace(full_action_spec_unbatched=Composite(action=action),
+                           action_spec_unbatched=action)
+    loss, _ = dmc.make_loss(dmc.parse_args([]), *dmc.make_agent(spec, 3, 2)[:2])
+    compiled = {}
+    monkeypatch.setattr(dmc, "compile_with_warmup",
+                        lambda fn, **kwargs: compiled.update(kwargs) or fn)
+    dmc.make_update(loss, dmc.make_optimizer(loss, 1e-3, compile=True), 0.5, compile=True)
+    # one graph per network size, never a dynamic one; no CUDA graphs on the CPU
+    assert compiled == {"warmup": 1, "mode": None, "dynamic": False}
+
+    eager = dmc.make_optimizer(loss, 1e-3)
+    sum(p.square().sum() for p in loss.parameters()).backward()
+    eager.step()
+    resumed = dmc.make_optimizer(loss, 1e-3, compile=True)
+    lr = resumed.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor) and lr.device == next(loss.parameters()).device
+    dmc.load_optimizer_state(resumed, eager.state_dict())
+    # the compiled run keeps its tensor learning rate (filled in place when annealed) ...
+    group = resumed.param_groups[0]
+    assert isinstance(group["lr"], torch.Tensor) and group["capturable"] is False
+    assert float(group["lr"]) == pytest.approx(1e-3)
+    # ... and the eager run's moments and step count
+    for param in loss.parameters():
+        assert torch.equal(resumed.state[param]["exp_avg"], eager.state[param]["exp_avg"])
+        assert float(resumed.state[param]["step"]) == 1
+    back = dmc.make_optimizer(loss, 1e-3)
+    dmc.load_optimizer_state(back, resumed.state_dict())
+    assert back.param_groups[0]["lr"] == 1e-3  # and an eager resume gets its float back
