@@ -27,6 +27,7 @@ import operator
 import re
 import signal
 import threading
+import time
 from collections.abc import Callable
 from fractions import Fraction
 from typing import TypeVar
@@ -163,7 +164,7 @@ def answers_match(prediction: str, reference: str, *, timeout: float = 1.0) -> b
         if max(len(pred), len(ref)) > _MAX_SYMBOLIC_LEN:
             return False
         return bool(_run_with_timeout(lambda: _symbolic_equal(pred, ref), timeout))
-    except Exception:  # noqa: BLE001 - any failure on untrusted text means "no match"
+    except (Exception, _Timeout):  # noqa: BLE001 - any failure on untrusted text means "no match"
         return False
 
 
@@ -202,14 +203,21 @@ def _to_fraction(s: str) -> Fraction | None:
     return None
 
 
-class _Timeout(Exception):
-    """Raised by the SIGALRM handler of :func:`_run_with_timeout`."""
+class _Timeout(BaseException):
+    """Raised by the SIGALRM handler of :func:`_run_with_timeout`; not an ``Exception``, so
+    that the ``except Exception`` of the code it interrupts does not catch it."""
+
+
+_RETRY_S = 0.05  # a timeout that was swallowed is raised again this much later
 
 
 def _run_with_timeout(fn: Callable[[], _T], timeout: float) -> _T | None:
     """Runs ``fn`` under a SIGALRM timer; None on timeout or where no timer can be set.
 
-    An enclosing timer (e.g. pytest-timeout) is re-armed with its remaining time.
+    An enclosing timer (e.g. pytest-timeout) is re-armed with its remaining time. A signal
+    handler that runs inside a finaliser (a ``__del__`` called by the garbage collector in the
+    middle of ``fn``) cannot raise out of it, so until ``fn`` has stopped the timeout is raised
+    again every ``_RETRY_S`` seconds.
     """
     in_main = threading.current_thread() is threading.main_thread()
     if not in_main or not hasattr(signal, "setitimer") or timeout <= 0:
@@ -217,25 +225,30 @@ def _run_with_timeout(fn: Callable[[], _T], timeout: float) -> _T | None:
     if signal.getsignal(signal.SIGALRM) is None:  # a handler set outside Python: leave it be
         return None
     outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
-    delay = min(timeout, outer_delay) if outer_delay > 0 else timeout
+    start = time.monotonic()
+    running = True
 
     def _raise(signum: int, frame: object) -> None:
-        raise _Timeout
+        if running:
+            signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
+            raise _Timeout
 
     old_handler = signal.signal(signal.SIGALRM, _raise)
     try:
+        signal.setitimer(signal.ITIMER_REAL, min(timeout, outer_delay) if outer_delay > 0 else timeout)
         try:
-            signal.setitimer(signal.ITIMER_REAL, delay)
             return fn()
         finally:
-            remaining = signal.setitimer(signal.ITIMER_REAL, 0)[0]
+            running = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
     except _Timeout:
-        remaining = 0.0
         return None
     finally:
+        running = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
         if outer_delay > 0:
-            left = max(outer_delay - (delay - remaining), 1e-6)
+            left = max(outer_delay - (time.monotonic() - start), 1e-6)
             signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
 
 
