@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import csv
-import json
 import importlib.util
+import json
 import sys
 from pathlib import Path
 

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import csv
-import importlib
 import os
 import re
 import signal
@@ -188,7 +187,7 @@ def test_evaluation_in_a_single_environment():
 
 def test_compiled_step_is_static_and_its_optimiser_resumes_an_eager_one(monkeypatch):
     sys.path.insert(0, str(EXAMPLE.parent))
-    dmc = importlib.import_module("dmc_walker")
+    import dmc_walker as dmc
     action = Bounded(-1.0, 1.0, shape=(2,))  # what make_agent reads of an env
     spec = SimpleNamespace(full_action_spec_unbatched=Composite(action=action),
                            action_spec_unbatched=action)
