@@ -6,6 +6,7 @@
     python benchmarks/dmc_compare.py --sweep --lambdas 2.5 --targets 0.02   # only these settings
     python benchmarks/dmc_compare.py --throughput          # frames/s vs the raw simulator
     python benchmarks/dmc_compare.py --workers 1 2         # collection frames/s per worker count, 5 repeats
+    python benchmarks/dmc_compare.py --starts 64           # final policies from 64 fresh starts each
     python benchmarks/dmc_compare.py --report-only         # rebuild the tables from the files
 
 Every (task, loss, seed) run is the example script with its own ``--out``
@@ -14,15 +15,20 @@ directory under ``--out``; a run that was interrupted continues with
 several sittings. The report is built from the result files present and written
 to ``<out>/summary.md`` and ``<out>/curves.png`` (``--sweep``: ``sweep.md``);
 ``--throughput`` and ``--workers`` measure anew each time and write
-``throughput.{md,json}`` and ``workers.{md,json}``. Both losses share the example's
+``throughput.{md,json}`` and ``workers.{md,json}``. ``--starts N`` evaluates the
+final checkpoint of every finished run (matrix and sweep) from the same N starting
+states per task, none of them one that training or its evaluations saw, keeps the
+returns in each run's ``final_starts.csv`` and writes ``starts.md`` and ``starts.png``. Both losses share the example's
 networks, data path and hyperparameters; only the loss differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import multiprocessing as mp
+import os
 import platform
 import shutil
 import statistics
@@ -38,6 +44,9 @@ EXAMPLE = ROOT / "examples" / "dmc_walker.py"
 TASKS = ["walker-walk", "cheetah-run", "cartpole-swingup_sparse"]
 FIXED_LAMBDAS = [0.5, 1.0, 2.5, 5.0, 10.0]
 ADAPTIVE_TARGETS = [0.005, 0.01, 0.02, 0.05]
+# the starting states of --starts: environment i of a task is seeded STARTS_SEED + i, far from
+# the training (seed, seed + 1, ...) and evaluation (seed + 10000, ...) environments' seeds
+STARTS_SEED = 1_000_000
 
 
 def run(run_dir: Path, frames: int, args: list[str]) -> None:
@@ -158,11 +167,88 @@ def summarize_sweep(out: Path, task: str, frames: int) -> str:
     return "\n".join(lines)
 
 
+# --- final policies from many starts -----------------------------------------------------
+
+def final_starts(run_dir: Path, task: str, episodes: int) -> np.ndarray | None:
+    """The run's final deterministic policy's returns from ``episodes`` fresh starts, one
+    episode each, kept in ``final_starts.csv``; None without that file or a checkpoint."""
+    path = run_dir / "final_starts.csv"
+    if path.exists():
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        if len(rows) == episodes and int(rows[0]["env_seed"]) == STARTS_SEED:
+            return np.array([float(r["return"]) for r in rows])
+    if not (run_dir / "checkpoint.pt").exists():
+        return None
+    os.environ.setdefault("MUJOCO_GL", "disable")  # no rendering: before MuJoCo is imported
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import dmc_walker
+    from torchrl_r2vpo.envs import make_env
+
+    env = make_env(task, num_envs=episodes, seed=STARTS_SEED)
+    _, actor = dmc_walker.load_actor(run_dir / "checkpoint.pt", env)
+    start = time.perf_counter()
+    returns = dmc_walker.episode_returns(env, actor).numpy()
+    env.close()
+    print(f"{run_dir}: mean {returns.mean():.1f} from {episodes} starts "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["env_seed", "return"])
+        writer.writerows((STARTS_SEED + i, float(r)) for i, r in enumerate(returns))
+    tmp.replace(path)
+    return returns
+
+
+def starts(out: Path, tasks: list[str], frames: int, episodes: int) -> str:
+    """Final policies of the matrix and the sweep from ``episodes`` shared fresh starts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [f"Final deterministic policies at {frames} frames, each from the same {episodes} "
+             f"starting states per task (environments seeded {STARTS_SEED} + i, one episode "
+             "each): the mean return over the starts, mean ± std over seeds; then over all "
+             "seeds' episodes together, the median, the 10th percentile and the share of "
+             "starts that end below half the best return of any run on the task.", "",
+             "| task | run | seeds | mean return | median | 10th percentile | starts below half "
+             "the best |", "|---|---|---|---|---|---|---|"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        groups = [(d.name, d) for d in sorted((out / task).glob("*")) if d.is_dir()]
+        groups += [(f"r2vpo {d.name}", d) for d in sorted((out / "sweep" / task).glob("*"))]
+        results = {}
+        for label, group in groups:
+            for run_dir in sorted(group.glob("seed*")):
+                curve = read_curve(run_dir)
+                if curve and curve[-1]["frames"] >= frames:
+                    returns = final_starts(run_dir, task, episodes)
+                    if returns is not None:
+                        results.setdefault(label, []).append(returns)
+        best = max((r.max() for runs in results.values() for r in runs), default=np.nan)
+        for index, (label, runs) in enumerate(results.items()):
+            means, pooled = np.array([r.mean() for r in runs]), np.concatenate(runs)
+            lines.append(f"| {task} | {label} | {len(runs)} | {means.mean():.1f} ± "
+                         f"{means.std():.1f} | {np.median(pooled):.1f} | "
+                         f"{np.percentile(pooled, 10):.1f} | {np.mean(pooled < best / 2):.0%} |")
+            for seed, returns in enumerate(runs):
+                ax.plot(np.linspace(0, 1, len(returns)), np.sort(returns), color=f"C{index}",
+                        label=label if seed == 0 else None)
+        ax.set(title=task, xlabel="share of starts", ylabel="return (sorted per run)")
+        ax.grid(alpha=0.3)
+        if results:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "starts.png", dpi=100)
+    plt.close(fig)
+    return "\n".join(lines)
+
+
 # --- throughput -------------------------------------------------------------------------
 
 def _raw_steps(task: str, steps: int, queue) -> None:
-    import os
-
     os.environ.setdefault("MUJOCO_GL", "disable")  # no renderer needed
     from dm_control import suite
 
@@ -330,12 +416,16 @@ def main() -> None:
                         help="collection frames/s of the example with these worker counts")
     parser.add_argument("--repeats", type=int, default=5,
                         help="--workers: times each count is measured, in turn")
+    parser.add_argument("--starts", type=int, metavar="N",
+                        help="evaluate each finished run's final policy from N fresh starts")
     parser.add_argument("--report-only", action="store_true")
     args, extra = parser.parse_known_args()  # extra arguments go to the example
     args.out.mkdir(parents=True, exist_ok=True)
 
     sections = []
-    if args.workers:
+    if args.starts:
+        sections.append(starts(args.out, args.tasks, args.frames, args.starts))
+    elif args.workers:
         sections.append(workers(args.out, args.tasks[0], args.workers, args.repeats))
     elif args.throughput:
         sections.append(throughput(args.out, args.tasks[0], args.frames))
@@ -359,7 +449,7 @@ def main() -> None:
                             ["--env", task, "--loss", loss, "--seed", str(seed), *extra])
         sections.append(summarize(args.out, args.tasks, args.losses, args.frames))
     report = "\n\n".join(sections)
-    name = ("workers" if args.workers else "throughput" if args.throughput
+    name = ("starts" if args.starts else "workers" if args.workers else "throughput" if args.throughput
             else "sweep" if args.sweep else "summary")
     (args.out / f"{name}.md").write_text(report + "\n")
     print(report)

@@ -297,8 +297,8 @@ def make_collector(cfg: Config, actor, total_frames: int, seed: int, env=None):
     return collector
 
 
-def evaluate(env, actor) -> float:
-    """Mean return of the deterministic (mode) policy over one episode per environment."""
+def episode_returns(env, actor) -> torch.Tensor:
+    """Returns of the deterministic (mode) policy, one episode per environment: ``[num_envs]``."""
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
         rollout = env.rollout(100_000, actor, break_when_any_done=False,
                               break_when_all_done=True)
@@ -307,8 +307,30 @@ def evaluate(env, actor) -> float:
     done = rollout["next", "done"].squeeze(-1)  # [episodes, T]
     last = torch.full_like(done[:, :1], done.shape[-1] - 1, dtype=torch.long)
     first_done = torch.where(done.any(-1, keepdim=True), done.int().argmax(-1, keepdim=True), last)
-    returns = rollout["next", "episode_reward"].squeeze(-1).gather(-1, first_done)
-    return returns.mean().item()
+    return rollout["next", "episode_reward"].squeeze(-1).gather(-1, first_done).squeeze(-1)
+
+
+def evaluate(env, actor) -> float:
+    """Mean return of the deterministic (mode) policy over one episode per environment."""
+    return episode_returns(env, actor).mean().item()
+
+
+def load_actor(path: Path, env) -> tuple[Config, ProbabilisticActor]:
+    """The run's settings and its trained actor, from a ``checkpoint.pt`` of this script.
+
+    ``env`` is any environment of the run's task (it gives the actor its specs).
+
+    Examples:
+        >>> cfg, actor = load_actor(Path("runs/walker/checkpoint.pt"), make_env("walker-walk"))  # doctest: +SKIP
+        >>> evaluate(make_env(cfg.env, num_envs=16, seed=123), actor)  # doctest: +SKIP
+    """
+    ckpt = torch.load(path, weights_only=False, map_location="cpu")
+    names = {field.name for field in dataclasses.fields(Config)}
+    cfg = Config(**{**{k: v for k, v in ckpt["config"].items() if k in names}, "device": "cpu"})
+    actor, critic, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
+                                  env.action_spec.shape[-1])
+    make_loss(cfg, actor, critic)[0].load_state_dict(ckpt["loss"])  # the actor's parameters
+    return cfg, actor
 
 
 def ratio_stats_by_staleness(loss, stored: TensorDict, version: int) -> dict[str, float]:

@@ -56,6 +56,32 @@ def test_report_from_partial_results(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_final_starts_report_reads_each_runs_returns(tmp_path):
+    dmc = load("dmc_compare")
+
+    def write_starts(run_dir, returns, seed=dmc.STARTS_SEED):
+        with open(run_dir / "final_starts.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["env_seed", "return"])
+            writer.writerows((seed + i, r) for i, r in enumerate(returns))
+
+    task = tmp_path / "walker-walk"
+    for run, returns in [("r2vpo/seed0", [600, 40, 620, 640]), ("r2vpo/seed1", [600, 600, 50, 650]),
+                         ("ppo/seed0", [500, 520, 480, 300])]:
+        write_curve(task / run, [1, 2, 3])
+        write_starts(task / run, returns)
+    write_curve(task / "ppo" / "seed1", [1, 2, 3])
+    write_starts(task / "ppo" / "seed1", [500] * 8)  # other starts, and no checkpoint: left out
+    write_curve(tmp_path / "sweep" / "walker-walk" / "fixed-1.0" / "seed0", [1, 2])  # unfinished
+    rows = [line for line in dmc.starts(tmp_path, ["walker-walk"], 3000, 4).splitlines()
+            if line.startswith("| walker-walk")]
+    # r2vpo: means 475 and 475; of the 8 pooled, median 600, 10th percentile 40 + 0.7 x 10,
+    # 2 below half the best (650); ppo: 10th percentile 300 + 0.3 x 180, 1 of 4 below 325
+    assert rows == ["| walker-walk | ppo | 1 | 450.0 ± 0.0 | 490.0 | 354.0 | 25% |",
+                    "| walker-walk | r2vpo | 2 | 475.0 ± 0.0 | 600.0 | 47.0 | 25% |"]
+    assert (tmp_path / "starts.png").stat().st_size > 0
+
+
 def test_sweep_report_lists_the_settings_present(tmp_path):
     dmc = load("dmc_compare")
     sweep = tmp_path / "sweep" / "walker-walk"

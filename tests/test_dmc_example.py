@@ -185,6 +185,24 @@ def test_evaluation_in_a_single_environment():
     assert 0 < evaluate(env, actor) <= 1000  # one 1000-step episode of rewards in [0, 1]
 
 
+@pytest.mark.timeout(180)
+def test_a_checkpoint_reloads_the_policy_its_final_evaluation_measured(tmp_path):
+    result = run_example("--frames", "2048", "--eval-every", "100000", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = float(read_curve(tmp_path)[-1]["eval_return"])  # the run's only evaluation
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from dmc_walker import episode_returns, load_actor
+
+    from torchrl_r2vpo.envs import make_env
+
+    env = make_env("walker-walk", num_envs=2, seed=10_000)  # the run's evaluation envs, fresh
+    cfg, actor = load_actor(tmp_path / "checkpoint.pt", env)
+    assert (cfg.env, cfg.frames, cfg.eval_episodes) == ("walker-walk", 2048, 2)
+    returns = episode_returns(env, actor)
+    assert returns.shape == (2,)
+    assert returns.mean().item() == pytest.approx(final, rel=1e-5)
+
+
 def test_compiled_step_is_static_and_its_optimiser_resumes_an_eager_one(monkeypatch):
     sys.path.insert(0, str(EXAMPLE.parent))
     import dmc_walker as dmc
