@@ -13,13 +13,14 @@ Every (task, loss, seed) run is the example script with its own ``--out``
 directory under ``--out``; a run that was interrupted continues with
 ``--resume``, and a finished one is skipped, so the matrix can be completed over
 several sittings. The report is built from the result files present and written
-to ``<out>/summary.md`` and ``<out>/curves.png`` (``--sweep``: ``sweep.md``);
-``--throughput`` and ``--workers`` measure anew each time and write
-``throughput.{md,json}`` and ``workers.{md,json}``. ``--starts N`` evaluates the
-final checkpoint of every finished run (matrix and sweep) from the same N starting
-states per task, none of them one that training or its evaluations saw, keeps the
-returns in each run's ``final_starts.csv`` and writes ``starts.md`` and ``starts.png``. Both losses share the example's
-networks, data path and hyperparameters; only the loss differs.
+to ``<out>/summary.md`` and ``<out>/curves.png`` (``--sweep``: ``sweep.md``, for
+every task swept so far); ``--throughput`` and ``--workers`` measure anew each time
+and write ``throughput.{md,json}`` and ``workers.{md,json}``. ``--starts N`` runs
+the final checkpoint of every finished run (matrix and sweep) from the same N
+starting states per task, none of which training or its evaluations saw, keeps the
+returns in each run's ``final_starts.csv`` and writes ``starts.md`` and
+``starts.png``. Both losses share the example's networks, data path and
+hyperparameters; only the loss differs.
 """
 
 from __future__ import annotations
@@ -439,7 +440,8 @@ def main() -> None:
                 if not args.report_only:
                     run(args.out / "sweep" / task / name / f"seed{seed}", args.frames,
                         ["--env", task, "--seed", str(seed), *flags, *extra])
-        sections.append(summarize_sweep(args.out, task, args.frames))
+        swept = sorted(d.name for d in (args.out / "sweep").glob("*") if d.is_dir())
+        sections += [summarize_sweep(args.out, t, args.frames) for t in swept]  # all in sweep.md
     else:
         for seed in args.seeds:  # seed-major: a partial matrix is balanced across tasks
             for task in args.tasks:
@@ -449,8 +451,8 @@ def main() -> None:
                             ["--env", task, "--loss", loss, "--seed", str(seed), *extra])
         sections.append(summarize(args.out, args.tasks, args.losses, args.frames))
     report = "\n\n".join(sections)
-    name = ("starts" if args.starts else "workers" if args.workers else "throughput" if args.throughput
-            else "sweep" if args.sweep else "summary")
+    name = ("starts" if args.starts else "workers" if args.workers
+            else "throughput" if args.throughput else "sweep" if args.sweep else "summary")
     (args.out / f"{name}.md").write_text(report + "\n")
     print(report)
 

@@ -321,8 +321,9 @@ def load_actor(path: Path, env) -> tuple[Config, ProbabilisticActor]:
     ``env`` is any environment of the run's task (it gives the actor its specs).
 
     Examples:
-        >>> cfg, actor = load_actor(Path("runs/walker/checkpoint.pt"), make_env("walker-walk"))  # doctest: +SKIP
-        >>> evaluate(make_env(cfg.env, num_envs=16, seed=123), actor)  # doctest: +SKIP
+        >>> env = make_env("walker-walk", num_envs=16, seed=123)  # doctest: +SKIP
+        >>> cfg, actor = load_actor(Path("runs/walker/checkpoint.pt"), env)  # doctest: +SKIP
+        >>> evaluate(env, actor)  # mean return from 16 starts  # doctest: +SKIP
     """
     ckpt = torch.load(path, weights_only=False, map_location="cpu")
     names = {field.name for field in dataclasses.fields(Config)}

@@ -59,15 +59,15 @@ def test_report_from_partial_results(tmp_path):
 def test_final_starts_report_reads_each_runs_returns(tmp_path):
     dmc = load("dmc_compare")
 
-    def write_starts(run_dir, returns, seed=dmc.STARTS_SEED):
+    def write_starts(run_dir, returns):
         with open(run_dir / "final_starts.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["env_seed", "return"])
-            writer.writerows((seed + i, r) for i, r in enumerate(returns))
+            writer.writerows((dmc.STARTS_SEED + i, r) for i, r in enumerate(returns))
 
     task = tmp_path / "walker-walk"
-    for run, returns in [("r2vpo/seed0", [600, 40, 620, 640]), ("r2vpo/seed1", [600, 600, 50, 650]),
-                         ("ppo/seed0", [500, 520, 480, 300])]:
+    for run, returns in [("r2vpo/seed0", [600, 40, 620, 640]),
+                         ("r2vpo/seed1", [600, 600, 50, 650]), ("ppo/seed0", [500, 520, 480, 300])]:
         write_curve(task / run, [1, 2, 3])
         write_starts(task / run, returns)
     write_curve(task / "ppo" / "seed1", [1, 2, 3])
@@ -82,7 +82,7 @@ def test_final_starts_report_reads_each_runs_returns(tmp_path):
     assert (tmp_path / "starts.png").stat().st_size > 0
 
 
-def test_sweep_report_lists_the_settings_present(tmp_path):
+def test_sweep_report_lists_the_settings_present(tmp_path, monkeypatch):
     dmc = load("dmc_compare")
     sweep = tmp_path / "sweep" / "walker-walk"
     write_curve(sweep / "fixed-1.0" / "seed0", [10, 20, 30], lam=1.0)
@@ -94,6 +94,13 @@ def test_sweep_report_lists_the_settings_present(tmp_path):
     # ratio_var 0.01 * [1, 2, 3] averages 0.02; KL 0.001 * [1, 2, 3] has median 0.002
     assert rows == ["| fixed lambda | 1.0 | 40.0 (n=2) | 23.3 | 0.0200 | 0.0020 | 1 |",
                     "| adaptive delta | 0.02 | 40.0 (n=1) | 20.0 | 0.0200 | 0.0040 | 0.25 |"]
+    # sweep.md keeps every task swept, whichever task the command names
+    write_curve(tmp_path / "sweep" / "cheetah-run" / "fixed-1.0" / "seed0", [1, 2, 3], lam=1.0)
+    monkeypatch.setattr(sys, "argv", ["dmc_compare.py", "--sweep", "--report-only", "--tasks",
+                                      "cheetah-run", "--frames", "3000", "--out", str(tmp_path)])
+    dmc.main()
+    report = (tmp_path / "sweep.md").read_text()
+    assert "Sensitivity on cheetah-run" in report and "Sensitivity on walker-walk" in report
 
 
 @pytest.mark.parametrize("evals, level, expected", [([1, 5, 9], 5, 2000.0), ([1, 2], 5, None)])
