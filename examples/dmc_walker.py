@@ -55,8 +55,8 @@ from torchrl_r2vpo.collectors import staleness_stats
 from torchrl_r2vpo.envs import make_env, record_rollout_gif, select_mujoco_gl
 from torchrl_r2vpo.modules import RunningObservationNorm
 
-from run_state import (append_row, check_resumable, rng_state, save_checkpoint, set_rng_state,
-                       truncate_curve)
+from run_state import (append_row, check_resumable, interrupts_deferred, rng_state,
+                       save_checkpoint, set_rng_state, truncate_curve)
 
 
 @dataclass
@@ -531,11 +531,12 @@ def main(cfg: Config, env=None) -> dict:
             for key, value in {**row, **staleness}.items():
                 if key != "frames" and value != "":
                     logger.log_scalar(key, value, step=frames)
-            append_row(curve_path, CURVE_FIELDS, row)
-            last_state = snapshot()
-            if frames // cfg.checkpoint_every > last_ckpt or frames >= cfg.frames or stop:
-                last_ckpt = frames // cfg.checkpoint_every
-                save_checkpoint(ckpt_path, last_state)
+            with interrupts_deferred():  # the row and the state it belongs to, together
+                append_row(curve_path, CURVE_FIELDS, row)
+                last_state = snapshot()
+                if frames // cfg.checkpoint_every > last_ckpt or frames >= cfg.frames or stop:
+                    last_ckpt = frames // cfg.checkpoint_every
+                    save_checkpoint(ckpt_path, last_state)
             pbar.update(data.numel())
             pbar.set_postfix(fps=row["fps"], ret=row["train_return"] or "-",
                              eval=f"{eval_return:.1f}", lam=row["lagrange_multiplier"] or "-",

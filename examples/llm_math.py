@@ -50,8 +50,8 @@ from torchrl_r2vpo.modules.math_lm import (
 )
 from torchrl_r2vpo.objectives.llm import LLM_LOSSES, make_llm_loss
 
-from run_state import (append_row, check_resumable, rng_state, save_checkpoint, set_rng_state,
-                       truncate_curve)
+from run_state import (append_row, check_resumable, interrupts_deferred, rng_state,
+                       save_checkpoint, set_rng_state, truncate_curve)
 
 
 @dataclass
@@ -328,12 +328,13 @@ def main(cfg: Config) -> dict:
             for key, value in {**row, **staleness}.items():
                 if key != "rollouts" and value != "":
                     logger.log_scalar(key, value, step=rollouts)
-            append_row(curve_path, CURVE_FIELDS, row)
-            rows.append(row)
-            last_state = snapshot()
-            if rollouts // cfg.checkpoint_every > last_ckpt or rollouts >= cfg.rollouts:
-                last_ckpt = rollouts // cfg.checkpoint_every
-                save_checkpoint(ckpt_path, last_state)
+            with interrupts_deferred():  # the row and the state it belongs to, together
+                append_row(curve_path, CURVE_FIELDS, row)
+                rows.append(row)
+                last_state = snapshot()
+                if rollouts // cfg.checkpoint_every > last_ckpt or rollouts >= cfg.rollouts:
+                    last_ckpt = rollouts // cfg.checkpoint_every
+                    save_checkpoint(ckpt_path, last_state)
             pbar.update(batch.numel())
             pbar.set_postfix(reward=f"{row['train_reward']:.2f}", acc=f"{test_accuracy:.3f}",
                              lam=f"{float(getattr(loss, 'lagrange_multiplier', float('nan'))):.3g}",

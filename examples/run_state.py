@@ -1,15 +1,19 @@
 """What the examples share to stop a run and continue it exactly.
 
-A checkpoint is written atomically; it holds every random generator's state; on
-``--resume`` the learning curve is cut back to the checkpoint's step and the run's
-settings are checked against the checkpoint's, except those a resumed run may change.
+A checkpoint is written atomically; it holds every random generator's state; a Ctrl-C
+never falls between a step's curve row and its snapshot; on ``--resume`` the learning
+curve is cut back to the checkpoint's step and the run's settings are checked against
+the checkpoint's, except those a resumed run may change.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import random
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,24 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: an interruption never leaves a torn checkpoint
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Holds a Ctrl-C (SIGINT) back until the block ends, then delivers it to the handler
+    that was in place: what the block records for one step is recorded whole."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        yield  # only the main thread sets handlers; None is one set outside Python
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    if received:
+        signal.raise_signal(signal.SIGINT)
 
 
 def rng_state() -> dict:

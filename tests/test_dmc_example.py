@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -140,6 +141,25 @@ def test_interrupt_and_resume_continue_the_run(tmp_path):
     bad = run_example("--frames", str(frames + 2048), "--dual", "adaptive", "--entropy-coeff",
                       "0.01", "--resume", "--out", str(tmp_path))
     assert bad.returncode != 0 and "entropy_coeff=0.0" in bad.stderr
+
+
+@pytest.mark.parametrize("outer", [signal.default_int_handler, signal.SIG_IGN])
+def test_a_ctrl_c_during_the_bookkeeping_reaches_the_outer_handler_after_it(outer):
+    sys.path.insert(0, str(EXAMPLE.parent))
+    from run_state import interrupts_deferred
+
+    previous = signal.signal(signal.SIGINT, outer)
+    recorded = []
+    try:
+        with pytest.raises(KeyboardInterrupt) if outer is signal.default_int_handler \
+                else contextlib.nullcontext():
+            with interrupts_deferred():
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C between a curve row and its state
+                recorded += ["row", "state"]
+        assert recorded == ["row", "state"]
+        assert signal.getsignal(signal.SIGINT) is outer
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_playground_preset_is_shared_and_flags_given_win():
