@@ -287,14 +287,32 @@ class TestR2VPOLLM:
         r, mask = ratio_and_mask(data, actor)
         advantage = data["advantage"].reshape(-1, 1)
         rbar = r[mask].mean()
+        token_weight = 1.0 / mask.sum()  # the penalty is a token mean under every aggregation
         if aggregation == "token_mean":
-            weight = torch.full_like(r, 1.0 / mask.sum())
+            weight = torch.full_like(r, token_weight)
         else:
             weight = (1.0 / (mask.sum(-1, keepdim=True) * mask.shape[0])).expand_as(r)
-        expected = -r * weight * (advantage - 2 * lam * (r - rbar))
+        expected = -r * (weight * advantage - token_weight * 2 * lam * (r - rbar))
         expected = torch.where(mask, expected, 0.0)
         torch.testing.assert_close(loss.leaf.grad, expected)
         assert (loss.leaf.grad[~mask] == 0).all()
+
+    @pytest.mark.parametrize("aggregation", ["token_mean", "prompt_mean"])
+    def test_penalty_is_lambda_times_the_token_variance(self, actor, aggregation):
+        # the multiplier prices the constraint the scheduler measures, whatever the
+        # weighting of the objective
+        out = R2VPOLLMLoss(actor, lagrange_multiplier=3.0, masking_strategy="rlhf",
+                           aggregation=aggregation)(make_batch(actor))
+        torch.testing.assert_close(out.loss_ratio_var, 3.0 * out.ratio_var)
+
+    def test_squared_deviation_works_under_torch_func(self):
+        from torchrl_r2vpo.objectives.llm import _squared_deviation
+
+        ratio, center = torch.rand(3, 4) + 0.5, torch.tensor(1.1)
+        grad = torch.func.grad(lambda r: _squared_deviation(r, center).sum())(ratio)
+        torch.testing.assert_close(grad, 2 * (ratio - center))
+        rows = torch.func.vmap(lambda r: _squared_deviation(r, center))(ratio)
+        torch.testing.assert_close(rows, (ratio - center) ** 2)
 
     def test_reduction_none_keeps_tokens(self, actor):
         data = make_batch(actor)
@@ -368,7 +386,8 @@ class TestAccumulation:
         if name == "r2vpo":
             with torch.no_grad():  # the two-pass recipe for the global centre
                 centre = merge_ratio_stats([loss(data[part]) for part in SPLITS])["ratio_mean"]
-        acc = dict(num_tokens=loss.count_tokens(data), num_sequences=data.shape[0], ratio_mean=centre)
+        acc = dict(num_tokens=loss.count_tokens(data), num_sequences=loss.count_sequences(data),
+                   ratio_mean=centre)
         actor.zero_grad()
         outs = accumulate(loss, data, **acc)
         g_acc = grads(actor)
@@ -541,6 +560,51 @@ class TestBaselines:
         value.backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in actor.parameters())
 
+    @pytest.mark.parametrize("aggregation", ["token_mean", "prompt_mean"])
+    @pytest.mark.parametrize("name", list(LLM_LOSSES))
+    def test_a_dropped_sequence_is_as_if_absent_whatever_it_holds(self, actor, name, aggregation):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        data["next", "ref_log_probs", "full"] = torch.where(mask, data["log_probs", "full"] - 0.2, 0.0)
+        keep = torch.ones(data.shape[0], dtype=torch.bool)
+        keep[1] = False
+        reference = data[keep]
+        data.set(("collector", "mask"), keep)
+        data["advantage"][1] = float("nan")
+        # a ratio of exp(200) overflows: inf where the loss multiplies by a zero weight
+        data["log_probs", "full"][1] = torch.where(mask[1], -200.0, 0.0)
+        loss = make_llm_loss(name, actor, masking_strategy="rlhf", aggregation=aggregation,
+                             kl_to_ref_coeff=0.1)
+        out = loss(data)
+        g = backward_grads(actor, lambda: total(out).backward())
+        reference_out = loss(reference)
+        g_reference = backward_grads(actor, lambda: total(reference_out).backward())
+        torch.testing.assert_close(total(out), total(reference_out))
+        torch.testing.assert_close(out.kl_to_ref, reference_out.kl_to_ref)
+        for a, b in zip(g, g_reference):
+            torch.testing.assert_close(a, b)
+        assert int(loss.count_sequences(data)) == int(keep.sum())
+
+    @pytest.mark.parametrize("name", list(LLM_LOSSES))
+    def test_kl_masked_tokens_stay_out_of_the_gradient(self, actor, name):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        far = torch.zeros_like(mask)
+        far[0, PROMPT_WIDTH] = True  # a response token with log-ratio 200: exp overflows
+        reference = data.clone()
+        reference["masks", "all_assistant_mask"] = mask & ~far
+        data["log_probs", "full"] = torch.where(far, data["log_probs", "full"] - 200.0,
+                                                data["log_probs", "full"])
+        loss = make_llm_loss(name, actor, masking_strategy="rlhf", kl_mask_threshold=50.0,
+                             entropy_bonus=False)
+        out = loss(data)
+        g = backward_grads(actor, lambda: total(out).backward())
+        reference_out = loss(reference)
+        g_reference = backward_grads(actor, lambda: total(reference_out).backward())
+        torch.testing.assert_close(total(out), total(reference_out))
+        for a, b in zip(g, g_reference):
+            torch.testing.assert_close(a, b)
+
     def test_grpo_and_grpo_ch_are_torchrl(self, actor):
         data = make_batch(actor)
         pairs = [
@@ -589,9 +653,13 @@ class TestAPI:
         with pytest.raises(ValueError, match=match):
             R2VPOLLMLoss(**kwargs)
 
-    def test_clip_epsilon_is_refused(self):
+    def test_clip_epsilon_and_misspelt_arguments_are_refused(self):
         with pytest.raises(TypeError, match="diagnostic_clip_epsilon"):
             R2VPOLLMLoss(clip_epsilon=0.2)
+        with pytest.raises(TypeError, match="R2VPOLLMLoss .* lagrange_multiplyer"):
+            R2VPOLLMLoss(lagrange_multiplyer=5.0)
+        with pytest.raises(TypeError, match="GPPOLLMLoss .* beta_hi"):
+            GPPOLLMLoss(beta_hi=2.0)
 
     def test_negative_assignment_and_baseline_weights(self):
         loss = R2VPOLLMLoss()

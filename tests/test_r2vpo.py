@@ -452,6 +452,7 @@ class TestTorchRLConventions:
         data["action_log_prob"] = torch.where(mask, data["action_log_prob"], float("nan"))
         data["advantage"] = torch.where(mask.unsqueeze(-1), data["advantage"], float("inf"))
         data["observation"] = torch.where(mask.unsqueeze(-1), data["observation"], 1e3)
+        data["value_target"] = torch.where(mask.unsqueeze(-1), data["value_target"], float("nan"))
         kwargs = dict(lagrange_multiplier=1.0, normalize_advantage=normalize_advantage)
         loss = R2VPOLoss(actor, make_critic(), **kwargs)
         out = loss(data)
@@ -551,6 +552,14 @@ class TestBadInput:
     def test_invalid_hyperparameters(self, kwargs, name):
         with pytest.raises(ValueError, match=name):
             R2VPOLoss(make_actor(), **kwargs)
+
+    def test_clip_epsilon_and_misspelt_arguments_raise(self):
+        # PPOLoss ignores keyword arguments it does not know; a misspelling must not
+        # leave the default in place
+        with pytest.raises(TypeError, match="diagnostic_clip_epsilon"):
+            R2VPOLoss(make_actor(), clip_epsilon=0.1)
+        with pytest.raises(TypeError, match="lagrange_multiplyer, variance_centre"):
+            R2VPOLoss(make_actor(), lagrange_multiplyer=5.0, variance_centre="one")
 
     def test_integer_hyperparameters_give_float_buffers(self):
         loss = R2VPOLoss(make_actor(), lagrange_multiplier=1, ratio_var_target=0)

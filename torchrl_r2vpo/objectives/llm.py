@@ -46,7 +46,12 @@ from torchrl.modules.distributions.utils import is_dynamo_compiling
 from torchrl.objectives.llm import CISPOLoss, DAPO, GRPOLoss, LLMLossOutput
 from torchrl.objectives.llm.grpo import CISPOLossOutput, DAPOLossOutput, GRPOLossOutput
 
-from torchrl_r2vpo.objectives.r2vpo import _check_non_negative, _LagrangianMixin, _loss_validity_mask
+from torchrl_r2vpo.objectives.r2vpo import (
+    _check_non_negative,
+    _LagrangianMixin,
+    _loss_validity_mask,
+    _reject_unknown_kwargs,
+)
 
 __all__ = [
     "CISPOLLMLoss",
@@ -80,13 +85,24 @@ class _Accumulation:
 
 
 class _AccumulationMixin:
-    """Global normalisation for gradient accumulation, shared by every loss here.
+    """What every loss here adds to :class:`~torchrl.objectives.llm.GRPOLoss`.
 
-    Placed before :class:`~torchrl.objectives.llm.GRPOLoss` (or a subclass) in
-    the bases. It changes nothing outside :meth:`accumulation`.
+    Placed before GRPOLoss (or a subclass) in the bases. Outside
+    :meth:`accumulation` it changes three things, the same for every loss:
+
+    * tokens the loss leaves out (padding, a sequence dropped by the collector
+      mask, a KL-masked token) have their log-weight and advantage set to 0
+      before the per-token objective, so a non-finite value there cannot reach
+      the gradient as ``0 * inf``;
+    * a sequence dropped by the collector mask is left out of
+      ``aggregation="prompt_mean"``'s mean over sequences and of the KL terms'
+      mean, as if it were not in the batch;
+    * unknown keyword arguments raise a ``TypeError`` instead of being ignored.
     """
 
     _accumulation: _Accumulation | None = None
+    # accumulation() needs num_tokens for prompt_mean too (a penalty that is a token mean)
+    _token_mean_terms: bool = False
 
     def __init__(self, *args, **kwargs) -> None:
         aggregation = kwargs.get("aggregation") or "token_mean"
@@ -101,6 +117,7 @@ class _AccumulationMixin:
                 f"{masking_strategy!r}."
             )
         super().__init__(*args, **kwargs)
+        _reject_unknown_kwargs(type(self).__name__, GRPOLoss, kwargs)
 
     @contextlib.contextmanager
     def accumulation(
@@ -132,7 +149,8 @@ class _AccumulationMixin:
         * ``num_tokens`` is the number of valid tokens in the full batch:
           :meth:`count_tokens` computes it from the masks and the stored
           log-probabilities alone, without a forward pass, exactly as the loss
-          masks them. ``num_sequences`` is the full batch size.
+          masks them. ``num_sequences`` is the number of sequences in the full
+          batch, those the collector mask drops excepted: :meth:`count_sequences`.
         * ``ratio_mean`` (used by :class:`R2VPOLLMLoss` with
           ``variance_center="mean"``, ignored by the other losses) is the
           full-batch masked mean of the current ratio. It depends on the
@@ -156,12 +174,13 @@ class _AccumulationMixin:
 
         Args:
             num_tokens (int or Tensor, optional): the full batch's valid-token
-                count. Required for ``aggregation="token_mean"``.
+                count. Required for ``aggregation="token_mean"``, and for
+                :class:`R2VPOLLMLoss` (whose penalty is a token mean) with any.
 
         Keyword Args:
             num_sequences (int or Tensor, optional): the full batch's number of
-                sequences. Required for ``aggregation="prompt_mean"`` and for
-                the KL terms.
+                sequences the collector mask keeps. Required for
+                ``aggregation="prompt_mean"`` and for the KL terms.
             ratio_mean (float or Tensor, optional): the full batch's masked mean
                 ratio, the variance centre for :class:`R2VPOLLMLoss`.
 
@@ -171,21 +190,22 @@ class _AccumulationMixin:
             raise RuntimeError("accumulation() blocks cannot be nested.")
         aggregation = self.aggregation
         if self.reduction != "none" and aggregation != "none":
-            if aggregation == "token_mean" and num_tokens is None:
+            if (aggregation == "token_mean" or self._token_mean_terms) and num_tokens is None:
                 raise ValueError(
-                    "accumulation() with aggregation='token_mean' needs num_tokens, "
+                    f"accumulation() with aggregation={aggregation!r} needs num_tokens, "
                     "the full batch's valid-token count (see count_tokens())."
                 )
             if aggregation == "prompt_mean" and num_sequences is None:
                 raise ValueError(
-                    "accumulation() with aggregation='prompt_mean' needs "
-                    "num_sequences, the full batch size."
+                    "accumulation() with aggregation='prompt_mean' needs num_sequences, "
+                    "the full batch's sequence count (see count_sequences())."
                 )
         has_kl = bool(self.kl_to_ref_coeff) or self.kl_to_inference_coeff is not None
         if has_kl and num_sequences is None:
             raise ValueError(
                 "accumulation() with a KL term (kl_to_ref_coeff or "
-                "kl_to_inference_coeff) needs num_sequences, the full batch size."
+                "kl_to_inference_coeff) needs num_sequences, the full batch's sequence "
+                "count (see count_sequences())."
             )
         if self.kl_mask_threshold is not None and self.kl_mask_threshold > 0:
             raise ValueError(
@@ -249,29 +269,106 @@ class _AccumulationMixin:
         """The number of valid tokens in ``tensordict``, as a scalar tensor (no sync)."""
         return self.token_mask(tensordict).sum()
 
+    def count_sequences(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The number of sequences in ``tensordict`` that the collector mask (the loss's
+        validity masks) keeps, as a scalar tensor (no sync): the batch size without one."""
+        return self._kept_sequences(tensordict, self.token_mask(tensordict)).sum()
+
+    def _kept_sequences(self, tensordict: TensorDictBase, mask: torch.Tensor) -> torch.Tensor:
+        """``[N]`` booleans: the sequences the loss's validity masks keep (all without one)."""
+        valid = _loss_validity_mask(self, tensordict, mask)
+        return mask.new_ones(mask.shape[0]) if valid is None else valid.flatten(1).any(-1)
+
+    def _apply_kl_mask(self, tensordict: TensorDictBase, mask: torch.Tensor) -> torch.Tensor:
+        """GRPOLoss's optional KL-Mask: drops tokens with ``0.5 * (cur - behaviour)^2 > threshold``."""
+        if self.kl_mask_threshold is None or not self.kl_mask_threshold > 0:
+            return mask
+        inference_log_prob = tensordict.get(
+            self.tensor_keys.sample_log_prob,
+            None,
+            as_padded_tensor=True,
+            padding_side="left",
+            padding_value=0.0,
+        )
+        cur_log_prob = tensordict.get("_cur_log_prob", None)
+        if inference_log_prob is None or cur_log_prob is None:
+            return mask
+        cur = torch.where(expand_as_right(mask, cur_log_prob), cur_log_prob, 0.0)
+        inference = torch.where(expand_as_right(mask, inference_log_prob), inference_log_prob, 0.0)
+        return mask & (0.5 * (cur - inference) ** 2 <= self.kl_mask_threshold)
+
+    def _log_weight(self, tensordict: TensorDictBase, adv_shape: torch.Size):
+        """GRPOLoss's, with the mask the loss reduces with (KL and collector masks
+        included) and the log-weight set to 0 wherever that mask is ``False``."""
+        log_weight, dist, kl_approx, mask = super()._log_weight(tensordict, adv_shape)
+        mask = self._with_loss_masks(tensordict, self._apply_kl_mask(tensordict, mask))
+        log_weight = torch.where(expand_as_right(mask, log_weight), log_weight, 0.0)
+        return log_weight, dist, kl_approx, mask
+
+    def _zero_masked_advantage(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """A shallow copy of ``tensordict`` whose advantage is 0 where no valid token
+        uses it (padding, dropped sequences)."""
+        tensordict = tensordict.copy()
+        advantage = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
+        if advantage is None or advantage.ndim < 2:
+            return tensordict  # missing or malformed: forward says so
+        mask = self.token_mask(tensordict)
+        if advantage.shape[-2] == 1:  # one value per sequence
+            mask = mask.any(-1, keepdim=True)
+        if mask.shape != advantage.shape[:-1]:
+            return tensordict
+        advantage = torch.where(expand_as_right(mask, advantage), advantage, 0.0)
+        tensordict.set(self.tensor_keys.advantage, advantage)
+        return tensordict
+
+    def forward(self, tensordict: TensorDictBase) -> LLMLossOutput:
+        return super().forward(self._zero_masked_advantage(tensordict))
+
+    def _token_mean(
+        self, value: torch.Tensor, mask: torch.Tensor, tensordict: TensorDictBase | None = None
+    ) -> torch.Tensor:
+        """The mean of ``value`` over the valid tokens (over the full batch's, inside
+        :meth:`accumulation`), whatever :attr:`aggregation` is."""
+        mask_exp = expand_as_right(mask, value)
+        acc = self._accumulation
+        if acc is None:
+            return self._reduce_loss(
+                value, tensordict=tensordict, reduction="mean", mask=mask_exp
+            ).squeeze(-1)
+        total = self._reduce_loss(value, tensordict=tensordict, reduction="sum", mask=mask_exp)
+        return total / acc.num_tokens
+
     def _aggregate_loss_value(
         self,
         value: torch.Tensor,
         mask: torch.Tensor,
         tensordict: TensorDictBase | None = None,
     ) -> torch.Tensor:
-        acc = self._accumulation
-        if acc is None or self.aggregation == "none" or self.reduction == "none":
+        if self.aggregation == "none" or self.reduction == "none":
             return super()._aggregate_loss_value(value, mask, tensordict=tensordict)
+        if self.aggregation == "token_mean":
+            return self._token_mean(value, mask, tensordict)
+        # prompt_mean: each sequence's token mean (selected, not multiplied: padding may
+        # hold inf), averaged over the sequences the collector mask keeps
         mask_exp = expand_as_right(mask, value)
-        if self.aggregation == "prompt_mean":
-            value = torch.where(mask_exp, value, torch.zeros_like(value))
-            token_count = mask_exp.sum(dim=-2).clamp_min(1)
-            return (value.sum(dim=-2) / token_count).sum(dim=0) / acc.num_sequences
-        total = self._reduce_loss(value, tensordict=tensordict, reduction="sum", mask=mask_exp)
-        return total / acc.num_tokens
-
-    def _kl_to_ref(self, tensordict: TensorDictBase, *args, **kwargs):
-        loss, kl = super()._kl_to_ref(tensordict, *args, **kwargs)
+        value = torch.where(mask_exp, value, torch.zeros_like(value))
+        token_count = mask_exp.sum(dim=-2).clamp_min(1)
         acc = self._accumulation
-        if acc is not None:
-            loss = loss * (tensordict.shape[0] / acc.num_sequences)
-        return loss, kl
+        if acc is None:
+            num_sequences = self._kept_sequences(tensordict, mask).sum().clamp_min(1)
+        else:
+            num_sequences = acc.num_sequences
+        return (value.sum(dim=-2) / token_count).sum(dim=0) / num_sequences
+
+    def _kl_to_ref(self, tensordict: TensorDictBase, *args, mask=None, **kwargs):
+        """GRPOLoss's KL term (a mean over every padded position), with the positions
+        of sequences the collector mask drops left out of the mean."""
+        loss, kl = super()._kl_to_ref(tensordict, *args, mask=mask, **kwargs)
+        size = tensordict.shape[0]
+        kept = size if mask is None else self._kept_sequences(tensordict, mask).sum().clamp_min(1)
+        acc = self._accumulation
+        loss = loss * (size / (kept if acc is None else acc.num_sequences))
+        return loss, kl * (size / kept)
 
 
 # --------------------------------------------------------------------------- R2VPO
@@ -379,7 +476,9 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
     ``(r - rbar)^2``, NaN without valid tokens), ``lagrange_multiplier``,
     ``mean_ratio``, ``max_ratio`` and the sufficient statistics ``ratio_sum``,
     ``ratio_sq_sum`` (float64) and ``num_tokens`` for :func:`merge_ratio_stats`.
-    ``ratio_var`` is a token-level statistic for every ``aggregation``. Each
+    ``ratio_var`` is a token-level statistic for every ``aggregation``, and
+    ``loss_ratio_var`` is ``lambda * ratio_var`` for every one too (``prompt_mean``
+    weighs the objective per sequence, the constraint stays on tokens). Each
     call also records ``ratio_var`` in the non-persistent ``last_ratio_var``
     buffer, which a scheduler stepped without argument reads.
 
@@ -423,6 +522,7 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
     """
 
     output_type: type[LLMLossOutput] = R2VPOLLMLossOutput
+    _token_mean_terms = True
     _schedulable_buffers = frozenset(_NON_NEGATIVE_COEFFS)
 
     def __init__(
@@ -483,14 +583,13 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
     def forward(self, tensordict: TensorDictBase) -> R2VPOLLMLossOutput:
         if self.tensor_keys.action not in tensordict:
             raise ValueError(f"Action key {self.tensor_keys.action} not in tensordict.")
-        tensordict = tensordict.copy()
+        tensordict = self._zero_masked_advantage(tensordict)
         advantage = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
         if advantage is None:
             raise ValueError(f"Advantage key {self.tensor_keys.advantage} not in tensordict.")
         log_weight, dist, kl_approx, mask = self._log_weight(
             tensordict, adv_shape=advantage.shape[:-1]
         )
-        mask = self._with_loss_masks(tensordict, self._apply_kl_mask(tensordict, mask))
         if advantage.ndim != log_weight.ndim:
             raise ValueError(
                 "advantage and log_weight must have the same number of dimensions, got "
@@ -507,10 +606,16 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
         # [N, L] loss tensor outlives its reduction; the squared deviation
         # saves only the ratio (already saved by exp) for backward.
         aggregate = functools.partial(self._aggregate_loss_value, mask=mask, tensordict=tensordict)
+        # the penalty is lambda times the token-level ratio_var under every aggregation
+        # (prompt_mean weighs the objective per sequence, not the constraint)
+        per_token = self.aggregation == "none" or self.reduction == "none"
+        aggregate_penalty = aggregate if per_token else functools.partial(
+            self._token_mean, mask=mask, tensordict=tensordict)
         td_out = TensorDict()
         td_out.set("loss_objective", aggregate(-ratio * advantage))
         td_out.set(
-            "loss_ratio_var", aggregate(self.lagrange_multiplier * _squared_deviation(ratio, center))
+            "loss_ratio_var",
+            aggregate_penalty(self.lagrange_multiplier * _squared_deviation(ratio, center)),
         )
         td_out.update(self._ratio_diagnostics(log_weight.detach(), kl_approx, mask, stats, center))
         if self.entropy_bonus:
@@ -579,24 +684,6 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
         mean = stats["ratio_sum"] / stats["num_tokens"].clamp_min(1)
         return mean.to(ratio.dtype)
 
-    def _apply_kl_mask(self, tensordict: TensorDictBase, mask: torch.Tensor) -> torch.Tensor:
-        """GRPOLoss's optional KL-Mask: drops tokens with ``0.5 * (cur - behaviour)^2 > threshold``."""
-        if self.kl_mask_threshold is None or not self.kl_mask_threshold > 0:
-            return mask
-        inference_log_prob = tensordict.get(
-            self.tensor_keys.sample_log_prob,
-            None,
-            as_padded_tensor=True,
-            padding_side="left",
-            padding_value=0.0,
-        )
-        cur_log_prob = tensordict.get("_cur_log_prob", None)
-        if inference_log_prob is None or cur_log_prob is None:
-            return mask
-        cur = torch.where(expand_as_right(mask, cur_log_prob), cur_log_prob, 0.0)
-        inference = torch.where(expand_as_right(mask, inference_log_prob), inference_log_prob, 0.0)
-        return mask & (0.5 * (cur - inference) ** 2 <= self.kl_mask_threshold)
-
     def _add_kl_terms(self, tensordict, td_out, mask, dist) -> None:
         """GRPOLoss's KL-to-reference and KL-to-inference terms (added after aggregation)."""
         if self.kl_to_ref_coeff is not None and self.kl_to_ref_coeff > 0:
@@ -618,12 +705,18 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
 
 
 class _SquaredDeviation(torch.autograd.Function):
-    """``(r - c)^2`` with ``c`` constant, saving only ``r`` for backward."""
+    """``(r - c)^2`` with ``c`` constant, saving only ``r`` for backward (and usable
+    under ``torch.func``: ``grad``, ``vmap``)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, ratio: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(ratio, center)
+    def forward(ratio: torch.Tensor, center: torch.Tensor) -> torch.Tensor:
         return (ratio - center).pow(2)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(*inputs)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

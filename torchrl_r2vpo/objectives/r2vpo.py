@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal
 
 import torch
@@ -243,6 +244,11 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
         device: torch.device | None = None,
         **kwargs,
     ):
+        if "clip_epsilon" in kwargs:
+            raise TypeError(
+                "R2VPOLoss does not clip the ratio; pass diagnostic_clip_epsilon "
+                "for the band of the clip_fraction diagnostic."
+            )
         ratio_var_target = self._check_dual_arguments(
             ratio_var_target, kl_target, lagrange_multiplier, variance_center
         )
@@ -251,6 +257,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
                 f"diagnostic_clip_epsilon must lie in (0, 1), got {diagnostic_clip_epsilon}."
             )
         super().__init__(actor_network, critic_network, device=device, **kwargs)
+        _reject_unknown_kwargs(type(self).__name__, PPOLoss, kwargs)
         if device is None:
             device = self.entropy_coeff.device
         self._register_dual_buffers(ratio_var_target, lagrange_multiplier, device)
@@ -426,6 +433,11 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             td_out.set("entropy", masked_mean(summed.detach(), entropy_mask))
             td_out.set("loss_entropy", self._weighted_loss_entropy(entropy))
         if self._has_critic:
+            for key in (self.tensor_keys.value_target, self.tensor_keys.value):
+                value = tensordict.get(key, None)  # as the log-weight: padding holds 0
+                value_mask = None if value is None else _loss_validity_mask(self, tensordict, value)
+                if value_mask is not None:
+                    tensordict.set(key, torch.where(value_mask, value, 0))
             loss_critic, value_clip_fraction, explained_variance = self.loss_critic(
                 tensordict
             )
@@ -471,6 +483,15 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             "mean_ratio": masked_mean(ratio, mask),
             "max_ratio": ratio.max(),
         }
+
+
+def _reject_unknown_kwargs(name: str, base: type, kwargs: dict) -> None:
+    """TorchRL's losses take ``**kwargs`` and ignore what they do not know; a misspelt
+    argument here raises instead of leaving a default in place."""
+    known = inspect.signature(base.__init__).parameters
+    unknown = sorted(key for key in kwargs if key not in known)
+    if unknown:
+        raise TypeError(f"{name} got unexpected keyword argument(s): {', '.join(unknown)}.")
 
 
 def _check_non_negative(name: str, value: float) -> None:
