@@ -259,7 +259,7 @@ def main() -> None:
                     "--device", args.device, "--num-envs", str(args.num_envs),
                     "--frames", str(args.frames), "--eval-every", str(args.frames),
                     "--checkpoint-every", str(args.frames), "--time-limit", f"{limit:.0f}",
-                    "--out", str(run_dir), *extra])
+                    "--out", str(run_dir), "--overwrite", *extra])
                 t0 = time.perf_counter()
                 torch._dynamo.reset()  # under --compile: no graphs or guards of earlier runs
                 try:

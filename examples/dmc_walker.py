@@ -17,7 +17,7 @@ Playground's tuned Brax PPO configuration (``PLAYGROUND``), for both losses;
 flags given on the command line still win.
 
 Writes to ``--out``: ``curve.csv`` (one row per collected batch), ``curve.png``,
-``checkpoint.pt`` (every ``--checkpoint-every`` frames and on Ctrl-C), the
+``checkpoint.pt`` (every ``--checkpoint-every`` frames and on Ctrl-C or SIGTERM), the
 logger's files, and ``policy.gif`` where MuJoCo can render offscreen.
 """
 
@@ -55,8 +55,8 @@ from torchrl_r2vpo.collectors import staleness_stats
 from torchrl_r2vpo.envs import make_env, record_rollout_gif, select_mujoco_gl
 from torchrl_r2vpo.modules import RunningObservationNorm
 
-from run_state import (append_row, check_resumable, interrupts_deferred, rng_state,
-                       save_checkpoint, set_rng_state, truncate_curve)
+from run_state import (append_row, check_resumable, interrupts_deferred, open_run_dir, rng_state,
+                       save_checkpoint, set_rng_state, stop_on_sigterm, truncate_curve)
 
 
 @dataclass
@@ -93,10 +93,15 @@ class Config:
     logger: str = "csv"  # csv | tensorboard | wandb
     out: str = "runs/dmc_walker"
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace the run already in --out
     video: bool = True
 
     def __post_init__(self):
         playground = self.env.startswith("playground:")
+        for name in ("frames", "num_envs", "num_workers", "eval_episodes", "frames_per_batch",
+                     "eval_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
         if self.device != "cpu" and not playground:
             raise ValueError(f"--device {self.device} is for playground: environments; dm_control and "
                              "gymnasium simulate on the CPU, and this example trains them there.")
@@ -110,7 +115,8 @@ class Config:
 
 # settings a resumed run may change; every other one must match the checkpoint's
 RESUMABLE_CHANGES = {"frames", "device", "compile", "collector", "eval_every", "eval_episodes",
-                     "checkpoint_every", "time_limit", "logger", "out", "resume", "video"}
+                     "checkpoint_every", "time_limit", "logger", "out", "resume", "overwrite",
+                     "video"}
 
 
 # Playground's tuned Brax PPO configuration for its DeepMind Control tasks: 2048 environments,
@@ -144,7 +150,8 @@ HELP = {"env": "dm_control domain-task (walker-walk, cheetah-run, ...), a gymnas
         "eval_episodes": "deterministic evaluation episodes, run side by side (Playground: "
                          "the --num-envs training batch)",
         "out": "directory for the curve, plot, checkpoint, logs and GIF",
-        "resume": "continue from --out/checkpoint.pt", "video": "save a GIF of the policy"}
+        "resume": "continue from --out/checkpoint.pt", "video": "save a GIF of the policy",
+        "overwrite": "replace the run in --out (without it a fresh run refuses to)"}
 
 
 def make_parser(defaults: bool = True) -> argparse.ArgumentParser:
@@ -386,8 +393,7 @@ def main(cfg: Config, env=None) -> dict:
     its compiled step; it stays usable. By default the run builds its own.
     """
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, curve_path = out / "checkpoint.pt", out / "curve.csv"
+    ckpt_path, curve_path = open_run_dir(out, cfg.resume, cfg.overwrite)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -448,13 +454,6 @@ def main(cfg: Config, env=None) -> dict:
     except ImportError as err:
         raise SystemExit(f"--logger {cfg.logger} needs its package: pip install {cfg.logger} "
                          f"({err})") from err
-    collector = None
-    if frames < cfg.frames:  # a resumed run starts fresh episodes, seeded by its version
-        collector = make_collector(cfg, actor, cfg.frames - frames, seed=cfg.seed + 1000 * version,
-                                   env=env)
-    else:
-        print(f"nothing to train: {frames} frames done, --frames {cfg.frames}")
-
     def snapshot() -> dict:
         """The whole training state, copied: taken after each batch, saved as a checkpoint."""
         return copy.deepcopy(dict(
@@ -472,6 +471,13 @@ def main(cfg: Config, env=None) -> dict:
     pbar = tqdm(total=cfg.frames, initial=frames, unit="frames", dynamic_ncols=True)
     last_eval, last_ckpt = frames // cfg.eval_every, frames // cfg.checkpoint_every
     eval_return = float("nan")
+    # built last: from here on, whatever happens, the finally below shuts its workers down
+    collector = None
+    if frames < cfg.frames:  # a resumed run starts fresh episodes, seeded by its version
+        collector = make_collector(cfg, actor, cfg.frames - frames, seed=cfg.seed + 1000 * version,
+                                   env=env)
+    else:
+        print(f"nothing to train: {frames} frames done, --frames {cfg.frames}")
     start = iteration_start = time.perf_counter()
     try:
         for data in collector if collector is not None else ():
@@ -528,10 +534,10 @@ def main(cfg: Config, env=None) -> dict:
                 eval_return = row["eval_return"] = evaluate(eval_env, actor)
                 if eval_env is env:  # the collector's episodes were interrupted: start afresh
                     collector.reset()
-            for key, value in {**row, **staleness}.items():
-                if key != "frames" and value != "":
-                    logger.log_scalar(key, value, step=frames)
-            with interrupts_deferred():  # the row and the state it belongs to, together
+            with interrupts_deferred():  # the row, its logs and its state, together
+                for key, value in {**row, **staleness}.items():
+                    if key != "frames" and value != "":
+                        logger.log_scalar(key, value, step=frames)
                 append_row(curve_path, CURVE_FIELDS, row)
                 last_state = snapshot()
                 if frames // cfg.checkpoint_every > last_ckpt or frames >= cfg.frames or stop:
@@ -552,6 +558,8 @@ def main(cfg: Config, env=None) -> dict:
         return {"interrupted": True, "frames": frames}
     finally:
         pbar.close()
+        if eval_env is not env:
+            eval_env.close()
         if collector is not None and shared_env:
             collector.shutdown(close_env=False)
         elif collector is not None:
@@ -576,4 +584,5 @@ def main(cfg: Config, env=None) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+    stop_on_sigterm()
     main(parse_args())

@@ -10,7 +10,7 @@ problems, scores them with the math verifier, standardises the rewards within ea
 (GRPO's advantage) and trains on this batch and the ``--reuse`` previous ones, each tagged
 with the policy version that sampled it. Writes to ``--out``: ``curve.csv`` (one row per
 iteration), ``curve.png`` (reward and accuracy; ratio distributions by staleness),
-``checkpoint.pt`` (every ``--checkpoint-every`` rollouts and on Ctrl-C) and the logger's
+``checkpoint.pt`` (every ``--checkpoint-every`` rollouts and on Ctrl-C or SIGTERM) and the logger's
 files.
 """
 
@@ -50,8 +50,8 @@ from torchrl_r2vpo.modules.math_lm import (
 )
 from torchrl_r2vpo.objectives.llm import LLM_LOSSES, make_llm_loss
 
-from run_state import (append_row, check_resumable, interrupts_deferred, rng_state,
-                       save_checkpoint, set_rng_state, truncate_curve)
+from run_state import (append_row, check_resumable, interrupts_deferred, open_run_dir, rng_state,
+                       save_checkpoint, set_rng_state, stop_on_sigterm, truncate_curve)
 
 
 @dataclass
@@ -84,15 +84,25 @@ class Config:
     logger: str = "csv"  # csv | tensorboard | wandb
     out: str = "runs/llm_math"
     resume: bool = False
+    overwrite: bool = False  # a fresh run may replace the run already in --out
 
     def __post_init__(self):
-        if self.epochs < 1 or self.minibatch_size < 1:
-            raise ValueError("--epochs and --minibatch-size must be >= 1.")
+        for name in ("rollouts", "num_prompts", "epochs", "minibatch_size", "eval_every",
+                     "checkpoint_every", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.group_size < 2:  # a group of one has advantage 0: nothing would be learnt
+            raise ValueError(f"--group-size must be >= 2, got {self.group_size}: advantages "
+                             "are rewards relative to the other completions of the prompt.")
+        batch = self.num_prompts * self.group_size
+        if self.rollouts % batch:
+            raise ValueError(f"--rollouts {self.rollouts} must be a multiple of --num-prompts x "
+                             f"--group-size = {batch} (the completions of one iteration).")
 
 
 # settings a resumed run may change; every other one must match the checkpoint's
 RESUMABLE_CHANGES = {"rollouts", "device", "threads", "backend", "num_test", "eval_every",
-                     "checkpoint_every", "logger", "out", "resume"}
+                     "checkpoint_every", "logger", "out", "resume", "overwrite"}
 
 
 CHOICES = {"backend": ["transformers", "vllm"], "loss": sorted(LLM_LOSSES), "dual": ["adaptive", "fixed"],
@@ -102,7 +112,9 @@ HELP = {"model": "hub id or local path of a causal LM (default: the tiny model s
         "difficulty": "comma-separated generator levels: 1 one operation, 2 two, 3 word problems",
         "reuse": "also train on the K previous batches (stale data, tagged by policy version)",
         "dual": "adaptive: lambda follows dual ascent on Var(r) - delta; fixed: constant lambda",
-        "kl_to_ref": "coefficient of the k3 KL to the initial model (0: none)"}
+        "kl_to_ref": "coefficient of the k3 KL to the initial model (0: none)",
+        "resume": "continue from --out/checkpoint.pt",
+        "overwrite": "replace the run in --out (without it a fresh run refuses to)"}
 
 
 def parse_args(argv=None) -> Config:
@@ -186,8 +198,7 @@ CURVE_FIELDS = ["rollouts", "time_s", "tokens_per_s", "train_reward", "test_accu
 
 def main(cfg: Config) -> dict:
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_path, curve_path = out / "checkpoint.pt", out / "curve.csv"
+    ckpt_path, curve_path = open_run_dir(out, cfg.resume, cfg.overwrite)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -285,7 +296,8 @@ def main(cfg: Config) -> dict:
             history.extend(batch)
             stored = history[: len(history)]
             metrics = []
-            model.train()
+            # the model stays in eval mode: dropout in this forward pass would make the
+            # ratio differ from 1 on the data it sampled (its log-probs were taken in eval mode)
             for _ in range(cfg.epochs):
                 minibatches.empty()
                 minibatches.extend(stored)
@@ -299,7 +311,6 @@ def main(cfg: Config) -> dict:
                     if scheduler is not None:
                         scheduler.step(out_td)
                     metrics.append(out_td.to_tensordict().detach().cpu().set("grad_norm", grad_norm.cpu()))
-            model.eval()
             ratio, mask, age = ratios_by_age(model, stored, version)
             staleness = staleness_stats(ratio, age, mask)
             for k in age.unique().tolist():
@@ -325,10 +336,10 @@ def main(cfg: Config) -> dict:
             if rollouts // cfg.eval_every > last_eval or rollouts >= cfg.rollouts:
                 last_eval = rollouts // cfg.eval_every
                 test_accuracy = row["test_accuracy"] = accuracy()
-            for key, value in {**row, **staleness}.items():
-                if key != "rollouts" and value != "":
-                    logger.log_scalar(key, value, step=rollouts)
-            with interrupts_deferred():  # the row and the state it belongs to, together
+            with interrupts_deferred():  # the row, its logs and its state, together
+                for key, value in {**row, **staleness}.items():
+                    if key != "rollouts" and value != "":
+                        logger.log_scalar(key, value, step=rollouts)
                 append_row(curve_path, CURVE_FIELDS, row)
                 rows.append(row)
                 last_state = snapshot()
@@ -359,4 +370,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
+    stop_on_sigterm()
     main(parse_args())

@@ -1,9 +1,9 @@
 """What the examples share to stop a run and continue it exactly.
 
 A checkpoint is written atomically; it holds every random generator's state; a Ctrl-C
-never falls between a step's curve row and its snapshot; on ``--resume`` the learning
-curve is cut back to the checkpoint's step and the run's settings are checked against
-the checkpoint's, except those a resumed run may change.
+or SIGTERM never falls between a step's curve row, logs and snapshot; on ``--resume``
+the learning curve is cut back to the checkpoint's step and the run's settings are
+checked against the checkpoint's, except those a resumed run may change.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import contextlib
 import csv
 import dataclasses
 import random
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -20,28 +21,66 @@ import numpy as np
 import torch
 
 
+RUN_FILES = ("checkpoint.pt", "curve.csv", "logs")
+
+
+def open_run_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path]:
+    """Creates ``out`` and returns its checkpoint and curve paths.
+
+    A fresh run (no ``resume``) refuses to start over an earlier run's files unless
+    ``overwrite``, which deletes them first: results are never replaced by accident.
+    """
+    if resume and overwrite:
+        raise ValueError("pass --resume (continue the run in --out) or --overwrite (replace it), "
+                         "not both.")
+    out.mkdir(parents=True, exist_ok=True)
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume:
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a run ({', '.join(found)}): pass --resume "
+                                  "to continue it, or --overwrite to replace it.")
+        for name in found:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    return out / "checkpoint.pt", out / "curve.csv"
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # atomic: an interruption never leaves a torn checkpoint
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def stop_on_sigterm() -> None:
+    """Makes SIGTERM (sent by ``kill``, ``timeout``, job schedulers) stop a run as Ctrl-C
+    does, with the checkpoint of its last complete step. Call it from the main thread."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def interrupts_deferred():
-    """Holds a Ctrl-C (SIGINT) back until the block ends, then delivers it to the handler
-    that was in place: what the block records for one step is recorded whole."""
-    handler = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or handler is None:
+    """Holds Ctrl-C (SIGINT) and SIGTERM back until the block ends, then delivers them to
+    the handlers that were in place: what the block records for one step is recorded whole."""
+    handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    if threading.current_thread() is not threading.main_thread() or None in handlers.values():
         yield  # only the main thread sets handlers; None is one set outside Python
         return
     received = []
-    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    for sig in handlers:
+        signal.signal(sig, lambda signum, frame: received.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, handler)
-    if received:
-        signal.raise_signal(signal.SIGINT)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    for signum in dict.fromkeys(received):
+        signal.raise_signal(signum)
 
 
 def rng_state() -> dict:

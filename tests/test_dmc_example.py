@@ -143,23 +143,40 @@ def test_interrupt_and_resume_continue_the_run(tmp_path):
     assert bad.returncode != 0 and "entropy_coeff=0.0" in bad.stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("outer", [signal.default_int_handler, signal.SIG_IGN])
-def test_a_ctrl_c_during_the_bookkeeping_reaches_the_outer_handler_after_it(outer):
+def test_a_stop_signal_during_the_bookkeeping_reaches_the_outer_handler_after_it(signum, outer):
     sys.path.insert(0, str(EXAMPLE.parent))
     from run_state import interrupts_deferred
 
-    previous = signal.signal(signal.SIGINT, outer)
+    previous = signal.signal(signum, outer)  # default_int_handler: what stop_on_sigterm sets
     recorded = []
     try:
         with pytest.raises(KeyboardInterrupt) if outer is signal.default_int_handler \
                 else contextlib.nullcontext():
             with interrupts_deferred():
-                signal.raise_signal(signal.SIGINT)  # Ctrl-C between a curve row and its state
+                signal.raise_signal(signum)  # between a curve row and its state
                 recorded += ["row", "state"]
         assert recorded == ["row", "state"]
-        assert signal.getsignal(signal.SIGINT) is outer
+        assert signal.getsignal(signum) is outer
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signum, previous)
+
+
+@pytest.mark.timeout(120)
+def test_bad_settings_and_a_second_fresh_run_are_refused_by_name(tmp_path):
+    for flag in ("--eval-every", "--checkpoint-every", "--num-envs", "--eval-episodes", "--frames"):
+        result = run_example(flag, "0", "--out", str(tmp_path / "bad"))
+        assert result.returncode != 0 and f"{flag} must be >= 1" in result.stderr, flag
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "curve.csv").write_text("frames\n1024\n")  # an earlier run's curve
+    result = run_example("--frames", "1024", "--out", str(tmp_path / "run"))
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert (tmp_path / "run" / "curve.csv").read_text() == "frames\n1024\n"
+    result = run_example("--frames", "1024", "--eval-every", "1024", "--overwrite",
+                         "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [int(r["frames"]) for r in read_curve(tmp_path / "run")] == [1024]
 
 
 def test_playground_preset_is_shared_and_flags_given_win():

@@ -106,6 +106,19 @@ def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
     assert result["rollouts"] == 32
 
 
+def test_settings_that_cannot_train_are_refused_by_name(tmp_path, tiny_model):
+    for overrides, message in ((dict(group_size=1), "--group-size must be >= 2"),
+                               (dict(rollouts=40), "multiple of --num-prompts x --group-size = 16"),
+                               (dict(eval_every=0), "--eval-every must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            config(tmp_path, tiny_model, **overrides)
+    llm_math.main(config(tmp_path, tiny_model, rollouts=16))
+    with pytest.raises(FileExistsError, match="--overwrite"):  # an earlier run is kept
+        llm_math.main(config(tmp_path, tiny_model, rollouts=16))
+    with pytest.raises(ValueError, match="not both"):
+        llm_math.main(config(tmp_path, tiny_model, resume=True, overwrite=True))
+
+
 def test_training_raises_the_reward_on_a_toy_task(tmp_path):
     # the shipped model on 8 problems asked again and again: RL can memorise their answers
     cfg = llm_math.Config(out=str(tmp_path), num_problems=8, num_test=16, num_prompts=8,
