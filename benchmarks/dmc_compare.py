@@ -46,7 +46,7 @@ TASKS = ["walker-walk", "cheetah-run", "cartpole-swingup_sparse"]
 FIXED_LAMBDAS = [0.5, 1.0, 2.5, 5.0, 10.0]
 ADAPTIVE_TARGETS = [0.005, 0.01, 0.02, 0.05]
 # the starting states of --starts: environment i of a task is seeded STARTS_SEED + i, far from
-# the training (seed, seed + 1, ...) and evaluation (seed + 10000, ...) environments' seeds
+# the training (seed, seed + 1, ...) and evaluation (dmc_walker.eval_seed) environments' seeds
 STARTS_SEED = 1_000_000
 
 

@@ -317,6 +317,16 @@ def episode_returns(env, actor) -> torch.Tensor:
     return rollout["next", "episode_reward"].squeeze(-1).gather(-1, first_done).squeeze(-1)
 
 
+# evaluation environments are seeded from here on, by run seed and batch (see eval_seed)
+EVAL_SEED = 10_000_000
+
+
+def eval_seed(cfg: Config, frames: int) -> int:
+    """The seed of the evaluation after ``frames`` training frames: the same whether the run
+    was resumed before it or not, and different for every batch and every run seed."""
+    return EVAL_SEED + 100_000 * cfg.seed + cfg.eval_episodes * (frames // cfg.frames_per_batch)
+
+
 def evaluate(env, actor) -> float:
     """Mean return of the deterministic (mode) policy over one episode per environment."""
     return episode_returns(env, actor).mean().item()
@@ -411,7 +421,7 @@ def main(cfg: Config, env=None) -> dict:
             env = make_env(cfg.env, num_envs=cfg.num_envs, seed=cfg.seed, device=device)
         eval_env = env
     else:
-        eval_env = make_env(cfg.env, num_envs=cfg.eval_episodes, seed=cfg.seed + 10_000)
+        eval_env = make_env(cfg.env, num_envs=cfg.eval_episodes)  # seeded at each evaluation
     obs_dim = eval_env.observation_spec["observation"].shape[-1]
     act_dim = eval_env.action_spec.shape[-1]
     actor, critic, obs_norm = make_agent(eval_env, obs_dim, act_dim)
@@ -531,6 +541,8 @@ def main(cfg: Config, env=None) -> dict:
             stop = cfg.time_limit > 0 and now - start >= cfg.time_limit
             if frames // cfg.eval_every > last_eval or frames >= cfg.frames or stop:
                 last_eval = frames // cfg.eval_every
+                if eval_env is not env:  # its own environments: starts that a resume keeps
+                    eval_env.set_seed(eval_seed(cfg, frames))
                 eval_return = row["eval_return"] = evaluate(eval_env, actor)
                 if eval_env is env:  # the collector's episodes were interrupted: start afresh
                     collector.reset()

@@ -228,16 +228,23 @@ def test_a_checkpoint_reloads_the_policy_its_final_evaluation_measured(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     final = float(read_curve(tmp_path)[-1]["eval_return"])  # the run's only evaluation
     sys.path.insert(0, str(EXAMPLE.parent))
-    from dmc_walker import episode_returns, load_actor
+    from dmc_walker import episode_returns, eval_seed, load_actor
 
     from torchrl_r2vpo.envs import make_env
 
-    env = make_env("walker-walk", num_envs=2, seed=10_000)  # the run's evaluation envs, fresh
+    env = make_env("walker-walk", num_envs=2)
     cfg, actor = load_actor(tmp_path / "checkpoint.pt", env)
     assert (cfg.env, cfg.frames, cfg.eval_episodes) == ("walker-walk", 2048, 2)
+    env.set_seed(eval_seed(cfg, 2048))  # fresh environments, the run's evaluation starts
     returns = episode_returns(env, actor)
     assert returns.shape == (2,)
     assert returns.mean().item() == pytest.approx(final, rel=1e-5)
+    # each evaluation has its own starts, whatever ran before it: a resumed run keeps them
+    env.set_seed(eval_seed(cfg, 1024))
+    earlier = episode_returns(env, actor)
+    env.set_seed(eval_seed(cfg, 2048))
+    torch.testing.assert_close(episode_returns(env, actor), returns)
+    assert not torch.equal(earlier, returns)
 
 
 def test_compiled_step_is_static_and_its_optimiser_resumes_an_eager_one(monkeypatch):
