@@ -274,7 +274,9 @@ def main(cfg: Config) -> dict:
 
     last_state = snapshot()
     ratio_samples: dict[int, list[torch.Tensor]] = {}
-    test_accuracy = float(rows[-1]["test_accuracy"]) if rows and rows[-1]["test_accuracy"] else initial_accuracy
+    # the last evaluation of a resumed curve (rows without one only trained)
+    test_accuracy = next((float(r["test_accuracy"]) for r in reversed(rows) if r["test_accuracy"] != ""),
+                         initial_accuracy)
 
     # --- training loop ------------------------------------------------------------------
     pbar = tqdm(total=cfg.rollouts, initial=rollouts, unit="rollouts", dynamic_ncols=True)
@@ -359,7 +361,7 @@ def main(cfg: Config) -> dict:
     finally:
         pbar.close()
 
-    final_accuracy = test_accuracy if rows else initial_accuracy
+    final_accuracy = test_accuracy
     plot_run([{k: (float(v) if v != "" else "") for k, v in r.items()} for r in rows],
              {k: torch.cat(v) for k, v in ratio_samples.items()}, out / "curve.png",
              f"{cfg.loss} on generated math (seed {cfg.seed})")

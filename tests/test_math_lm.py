@@ -18,6 +18,7 @@ from torchrl_r2vpo.modules.math_lm import (
     format_prompt,
     format_target,
     generate_completions,
+    left_padding_shift,
     load_math_lm,
     main,
     sft_loss,
@@ -108,6 +109,25 @@ def test_save_load_round_trip(tmp_path, tokenizer):
     ids = torch.tensor([tokenizer(text)["input_ids"]])
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
+
+
+def test_a_model_with_absolute_positions_is_flagged_at_load(tmp_path, tokenizer, recwarn):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16,
+                                      n_layer=1, n_head=2, bos_token_id=tokenizer.bos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    with pytest.warns(UserWarning, match="learned absolute positions"):
+        load_math_lm(tmp_path / "gpt2")
+    tiny_model(tokenizer).save_pretrained(tmp_path / "llama")  # rotary positions
+    tokenizer.save_pretrained(tmp_path / "llama")
+    recwarn.clear()
+    model, _ = load_math_lm(tmp_path / "llama")
+    assert not [w for w in recwarn if "absolute positions" in str(w.message)]
+    assert left_padding_shift(model, tokenizer.pad_token_id) < 1e-4
 
 
 def test_load_falls_back_to_eos_for_padding(tmp_path, tokenizer):

@@ -43,6 +43,7 @@ import math
 import os
 import string
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,7 @@ __all__ = [
     "format_prompt",
     "format_target",
     "generate_completions",
+    "left_padding_shift",
     "load_math_lm",
     "sft_loss",
     "warm_start",
@@ -218,7 +220,9 @@ def load_math_lm(
     """Loads a causal LM and its tokenizer: the shipped checkpoint, a local directory or a hub id.
 
     The tokenizer pads on the left; a tokenizer without a pad token pads with its eos token.
-    The model is in eval mode and its generation config knows the pad and eos ids.
+    The model is in eval mode and its generation config knows the pad and eos ids. A model
+    whose predictions move when a prompt is left-padded (learned absolute positions, e.g.
+    GPT-2) gets a warning: see :func:`left_padding_shift`.
 
     Args:
         name_or_path: a Hugging Face model directory or hub id (hub ids need network
@@ -257,7 +261,41 @@ def load_math_lm(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config.eos_token_id is None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return model.eval(), tokenizer
+    shift = left_padding_shift(model.eval(), tokenizer.pad_token_id)
+    low_precision = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    if shift > (5e-2 if low_precision else 1e-3):  # above the rounding of the dtype
+        warnings.warn(
+            f"{name}: left-padding a prompt moves this model's next-token log-probabilities by "
+            f"up to {shift:.3g} nats (learned absolute positions). Generation places each prompt "
+            "after its padding, but the log-probabilities of the rollouts and of TorchRL's "
+            "TransformersWrapper count the padding: the ratio refers to a slightly different "
+            "policy than the one sampled. Models with rotary or relative positions (Llama, "
+            "Qwen, ...) are unaffected.",
+            stacklevel=2,
+        )
+    return model, tokenizer
+
+
+@torch.no_grad()
+def left_padding_shift(model: PreTrainedModel, pad_token_id: int, pad: int = 3) -> float:
+    """The largest change of the next-token log-probabilities of a short prompt when ``pad``
+    padding tokens are put before it (attention-masked, positions not given, as a scorer
+    of a left-padded batch runs the model): float rounding for rotary or relative
+    positions, a sizeable number for learned absolute ones.
+
+    Examples:
+        >>> model, tokenizer = load_math_lm()
+        >>> left_padding_shift(model, tokenizer.pad_token_id) < 1e-4  # rotary positions
+        True
+    """
+    device = next(model.parameters()).device
+    prompt = torch.arange(5, device=device) % model.config.vocab_size
+    prompt = torch.where(prompt == pad_token_id, (pad_token_id + 1) % model.config.vocab_size, prompt)
+    padded = torch.cat([torch.full((pad,), pad_token_id, device=device), prompt])
+    mask = (torch.arange(len(padded), device=device) >= pad).long()
+    plain = model(input_ids=prompt[None]).logits[0, -1].float().log_softmax(-1)
+    shifted = model(input_ids=padded[None], attention_mask=mask[None]).logits[0, -1]
+    return (shifted.float().log_softmax(-1) - plain).abs().max().item()
 
 
 def _encode_examples(
