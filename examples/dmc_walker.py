@@ -571,7 +571,7 @@ def main(cfg: Config, env=None) -> dict:
     finally:
         pbar.close()
         if eval_env is not env:
-            eval_env.close()
+            eval_env.close(raise_if_closed=False)  # a stop signal may have closed it
         if collector is not None and shared_env:
             collector.shutdown(close_env=False)
         elif collector is not None:
