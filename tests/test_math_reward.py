@@ -254,6 +254,26 @@ def test_a_swallowed_timeout_is_raised_again():
     assert time.perf_counter() - start < 1.0
 
 
+def test_a_timeout_lost_in_a_finaliser_is_retried_without_an_unraisable_report(monkeypatch):
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+
+    class Spinning:
+        def __del__(self):  # the timeout lands here: Python cannot raise it out of __del__
+            while True:
+                pass
+
+    def fn():
+        Spinning()  # finalised at once
+        while True:
+            pass
+
+    start = time.perf_counter()
+    assert _run_with_timeout(fn, 0.1) is None
+    assert time.perf_counter() - start < 1.0
+    assert reported == [] and sys.unraisablehook == reported.append
+
+
 LATEX_FRAGMENTS = [
     r"\boxed{", r"\fbox{", r"\frac{", r"\frac", r"\sqrt{", r"\sqrt", r"\text{", r"\left(", r"\right)",
     r"\pi", r"\cdot", r"\dfrac", "{", "}", "^", "**", "(", ")", "x", "y", "-", "+", "*", "/", ".", ",",

@@ -26,6 +26,7 @@ import ast
 import operator
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -215,9 +216,9 @@ def _run_with_timeout(fn: Callable[[], _T], timeout: float) -> _T | None:
     """Runs ``fn`` under a SIGALRM timer; None on timeout or where no timer can be set.
 
     An enclosing timer (e.g. pytest-timeout) is re-armed with its remaining time. A signal
-    handler that runs inside a finaliser (a ``__del__`` called by the garbage collector in the
+    handler that runs inside a finaliser (a ``__del__`` or a garbage-collector callback in the
     middle of ``fn``) cannot raise out of it, so until ``fn`` has stopped the timeout is raised
-    again every ``_RETRY_S`` seconds.
+    again every ``_RETRY_S`` seconds; the one lost there is not reported as unraisable.
     """
     in_main = threading.current_thread() is threading.main_thread()
     if not in_main or not hasattr(signal, "setitimer") or timeout <= 0:
@@ -233,7 +234,14 @@ def _run_with_timeout(fn: Callable[[], _T], timeout: float) -> _T | None:
             signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
             raise _Timeout
 
+    outer_hook = sys.unraisablehook
+
+    def _quiet(unraisable) -> None:  # a timeout lost in a finaliser is raised again, not lost
+        if not isinstance(unraisable.exc_value, _Timeout):
+            outer_hook(unraisable)
+
     old_handler = signal.signal(signal.SIGALRM, _raise)
+    sys.unraisablehook = _quiet
     try:
         signal.setitimer(signal.ITIMER_REAL, min(timeout, outer_delay) if outer_delay > 0 else timeout)
         try:
@@ -247,6 +255,7 @@ def _run_with_timeout(fn: Callable[[], _T], timeout: float) -> _T | None:
         running = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old_handler)
+        sys.unraisablehook = outer_hook
         if outer_delay > 0:
             left = max(outer_delay - (time.monotonic() - start), 1e-6)
             signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
