@@ -407,37 +407,40 @@ def record_rollout_gif(
     if name.startswith(PLAYGROUND_PREFIX):
         raise ValueError(f"record_rollout_gif renders dm_control and gymnasium environments, not {name!r}.")
     env = make_env(name, seed=seed)
-    base = env.base_env
-    if isinstance(base, DMControlEnv):
-        physics = base._env.physics
+    try:
+        base = env.base_env
+        if isinstance(base, DMControlEnv):
+            physics = base._env.physics
 
-        def render():
-            return physics.render(height, width, camera_id=0)
+            def render():
+                return physics.render(height, width, camera_id=0)
 
-        frame_seconds = physics.timestep() * base._env._n_sub_steps
-    else:  # gymnasium: rebuild with an rgb_array renderer
-        try:  # MuJoCo environments take the frame size, classic control ones do not
-            gym_env = GymEnv(name, render_mode="rgb_array", width=width, height=height)
-        except TypeError:
-            gym_env = GymEnv(name, render_mode="rgb_array")
-        env = TransformedEnv(gym_env, env.transform.clone())
-        if seed is not None:
-            env.set_seed(seed)
-        render = env.base_env._env.render
-        frame_seconds = getattr(env.base_env._env.unwrapped, "dt", 0.05)
+            frame_seconds = physics.timestep() * base._env._n_sub_steps
+        else:  # gymnasium: rebuild with an rgb_array renderer
+            try:  # MuJoCo environments take the frame size, classic control ones do not
+                gym_env = GymEnv(name, render_mode="rgb_array", width=width, height=height)
+            except TypeError:
+                gym_env = GymEnv(name, render_mode="rgb_array")
+            plain, env = env, TransformedEnv(gym_env, env.transform.clone())
+            plain.close()
+            if seed is not None:
+                env.set_seed(seed)
+            render = env.base_env._env.render
+            frame_seconds = getattr(env.base_env._env.unwrapped, "dt", 0.05)
 
-    start = env.reset()  # gymnasium renders only after a reset; the GIF starts from this state
-    frames = [render()]
-    step = [0]
+        start = env.reset()  # gymnasium renders only after a reset; the GIF starts from this state
+        frames = [render()]
+        step = [0]
 
-    def grab(_env, _td):
-        step[0] += 1
-        if step[0] % every == 0:
-            frames.append(render())
+        def grab(_env, _td):
+            step[0] += 1
+            if step[0] % every == 0:
+                frames.append(render())
 
-    with torch.no_grad():
-        env.rollout(max_steps, policy, callback=grab, break_when_any_done=True,
-                    auto_reset=False, tensordict=start)
-    env.close()
+        with torch.no_grad():
+            env.rollout(max_steps, policy, callback=grab, break_when_any_done=True,
+                        auto_reset=False, tensordict=start)
+    finally:
+        env.close(raise_if_closed=False)
     imageio.mimsave(path, frames, duration=1000 * every * frame_seconds, loop=0)
     return len(frames)
