@@ -100,8 +100,9 @@ class Config:
                              f"--group-size = {batch} (the completions of one iteration).")
 
 
-# settings a resumed run may change; every other one must match the checkpoint's
-RESUMABLE_CHANGES = {"rollouts", "device", "threads", "backend", "num_test", "eval_every",
+# settings a resumed run may change; every other one must match the checkpoint's (num_test
+# too: the curve's accuracies and the one before training are measured on the same problems)
+RESUMABLE_CHANGES = {"rollouts", "device", "threads", "backend", "eval_every",
                      "checkpoint_every", "logger", "out", "resume", "overwrite"}
 
 

@@ -95,14 +95,15 @@ def test_ctrl_c_saves_the_last_complete_iteration(tmp_path, tiny_model, monkeypa
 
 def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
     llm_math.main(config(tmp_path, tiny_model, rollouts=16))
-    # each would change the stored batches' layout, their content, or the training itself
+    # each would change the stored batches' layout, their content, the training itself,
+    # or the held-out problems the accuracy before training was measured on
     for change, saved in ((dict(reuse=0), "reuse=2"), (dict(max_new_tokens=8), "max_new_tokens=6"),
-                          (dict(kl_to_ref=0.1), "kl_to_ref=0.0"), (dict(lr=1e-3), "lr=0.0003")):
+                          (dict(kl_to_ref=0.1), "kl_to_ref=0.0"), (dict(lr=1e-3), "lr=0.0003"),
+                          (dict(num_test=8), "num_test=16")):
         with pytest.raises(ValueError, match=saved):
             llm_math.main(config(tmp_path, tiny_model, resume=True, rollouts=32, **change))
     # what only schedules evaluation or names the budget may change
-    result = llm_math.main(config(tmp_path, tiny_model, resume=True, rollouts=32, num_test=8,
-                                  eval_every=1000))
+    result = llm_math.main(config(tmp_path, tiny_model, resume=True, rollouts=32, eval_every=1000))
     assert result["rollouts"] == 32
 
 
