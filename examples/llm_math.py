@@ -37,6 +37,7 @@ from torchrl_r2vpo.collectors import (
     group_advantages,
     response_log_probs,
     staleness_stats,
+    stop_token_ids,
     TransformersBackend,
     VLLMBackend,
 )
@@ -214,7 +215,8 @@ def main(cfg: Config) -> dict:
     env = TokenGenerationEnv([format_prompt(p.question) for p in train], [p.answer for p in train],
                              tokenizer, num_prompts=cfg.num_prompts, group_size=cfg.group_size,
                              max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                             vocab_size=model.config.vocab_size)
+                             vocab_size=model.config.vocab_size,
+                             stop_token_ids=stop_token_ids(model, tokenizer))
     scorer = TransformersWrapper(model, tokenizer=tokenizer, input_mode="tokens", generate=False,
                                  return_log_probs=True, pad_output=True, device=cfg.device)
     loss, scheduler = make_loss(cfg, scorer)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 import string
 
 import pytest
@@ -166,6 +167,11 @@ def test_generation_is_deterministic_and_short(shipped):
     assert all(len(c) <= DEFAULT_MAX_NEW_TOKENS for c in sampled)
     greedy = generate_completions(model, tokenizer, questions)
     assert generate_completions(model, tokenizer, questions[:4]) == greedy[:4]
+    # a second EOS id in the generation config (as chat models have) ends a completion too
+    chat = copy.deepcopy(model)
+    chat.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("1")]
+    cut = [text[: text.index("1") + 1] if "1" in text else text for text in greedy]
+    assert cut != greedy and generate_completions(chat, tokenizer, questions) == cut
 
 
 def test_shipped_checkpoint_beats_random_init(shipped):

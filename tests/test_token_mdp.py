@@ -15,6 +15,7 @@ from torchrl_r2vpo.collectors import (
     collect_batch,
     group_advantages,
     staleness_stats,
+    stop_token_ids,
     TransformersBackend,
 )
 from torchrl_r2vpo.envs import (
@@ -176,6 +177,35 @@ def test_model_generation_config_does_not_change_what_is_sampled(tokenizer, mode
                                      TransformersBackend(m, tokenizer, max_new_tokens=MAX_NEW)))
     assert (batches[0]["tokens", "response"] == batches[1]["tokens", "response"]).all()
     assert configured.generation_config is config and config.top_k == 2  # left as it was
+
+
+def test_every_eos_id_of_the_generation_config_ends_a_completion(tokenizer, model):
+    # chat models list several EOS ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>); vLLM
+    # stops on each, so the transformers backend, the mask and the MDP must too
+    torch.manual_seed(5)
+    plain = collect_batch(make_env(tokenizer), TransformersBackend(model, tokenizer, max_new_tokens=MAX_NEW))
+    response = plain["tokens", "response"]
+    extra = int(response[0, 0])  # a token the model samples: now also a stop token
+    assert extra != tokenizer.eos_token_id
+    chat = copy.deepcopy(model)
+    chat.generation_config.eos_token_id = [tokenizer.eos_token_id, extra]
+    assert stop_token_ids(chat, tokenizer) == [tokenizer.eos_token_id, extra]
+    torch.manual_seed(5)  # the same draws: each completion is the plain one cut at its first stop
+    cut = collect_batch(make_env(tokenizer), TransformersBackend(chat, tokenizer, max_new_tokens=MAX_NEW))
+    stop = (response == extra) | (response == tokenizer.eos_token_id)
+    expected = (stop.long().cumsum(-1) - stop.long()) == 0
+    width = cut["tokens", "prompt"].shape[-1]
+    mask = cut["masks", "all_assistant_mask"][:, width:]
+    assert mask.eq(expected).all() and not mask[0, 1:].any()
+    assert (cut["tokens", "response"][mask] == response[mask]).all()
+    assert (cut["tokens", "response"][~mask] == tokenizer.pad_token_id).all()
+    torch.testing.assert_close(cut["log_probs", "full"][:, width:][mask],
+                               plain["log_probs", "full"][:, width:][mask])
+    # the token MDP terminates on it too when told
+    env = make_env(tokenizer, stop_token_ids=stop_token_ids(chat, tokenizer))
+    td = force(env, [tokenizer.convert_ids_to_tokens(extra)])
+    assert td["terminated"].all() and not td["truncated"].any()
+    assert not force(make_env(tokenizer), [tokenizer.convert_ids_to_tokens(extra)])["done"].any()
 
 
 def test_actor_rollout_gives_the_sequence_layout(tokenizer, model):

@@ -81,6 +81,24 @@ def test_generate_layout(backend):
     assert _max_error(_vllm_log_probs(backend, [[4, 5, 6]]), [[4, 5, 6]], backend.model) < 1e-4
 
 
+def test_the_mask_ends_where_vllm_stopped(backend):
+    # vLLM also stops on EOS ids it reads from the model directory's generation config: a
+    # stop the backend was not told of must still end the mask (padding is never an action)
+    prompt = torch.tensor([[4, 5, 6, 7, 8]] * 16)
+    response, _, _ = backend.generate(prompt, prompt != 0)
+    extra = int(response[0, 0])
+    assert extra != backend.tokenizer.eos_token_id
+    saved, backend._params = backend._params, backend._params.clone()
+    backend._params.stop_token_ids = [*saved.stop_token_ids, extra]
+    try:
+        response, mask, log_probs = backend.generate(prompt, prompt != 0)
+    finally:
+        backend._params = saved
+    stop = (response == extra) | (response == backend.tokenizer.eos_token_id)
+    assert mask.eq((stop.long().cumsum(-1) - stop.long()) == 0).all() and stop.any(-1).any()
+    assert (response[~mask] == backend.tokenizer.pad_token_id).all() and (log_probs[~mask] == 0).all()
+
+
 def test_sync_weights(backend):
     other, _ = _tiny(1)
     long = [[3 + (7 * i + j) % 40 for j in range(100)] for i in range(2)]  # > block_size: prefix-cached

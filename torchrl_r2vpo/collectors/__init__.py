@@ -7,6 +7,7 @@ from torchrl_r2vpo.collectors.llm_rollout import (
     group_advantages,
     response_log_probs,
     sequence_batch,
+    stop_token_ids,
     TransformersBackend,
     VLLMBackend,
 )
@@ -20,4 +21,5 @@ __all__ = [
     "response_log_probs",
     "sequence_batch",
     "staleness_stats",
+    "stop_token_ids",
 ]

@@ -37,6 +37,7 @@ __all__ = [
     "group_advantages",
     "response_log_probs",
     "sequence_batch",
+    "stop_token_ids",
 ]
 
 
@@ -93,14 +94,41 @@ def response_log_probs(model: nn.Module, prompt: torch.Tensor, prompt_mask: torc
     return log_probs.to(response.device) * response_mask
 
 
-def _completion_mask(response: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """``True`` up to and including the first EOS of each row."""
-    is_eos = (response == eos_token_id).long()
-    return (is_eos.cumsum(-1) - is_eos) == 0
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The ids that end a completion: the tokenizer's EOS, then every other EOS id of the
+    model's generation config.
+
+    Chat models list several (Qwen2.5-Instruct ends a turn with ``<|im_end|>``, the
+    tokenizer's EOS, and a document with ``<|endoftext|>``). vLLM stops on all of them by
+    itself; the backends, :func:`~torchrl_r2vpo.modules.math_lm.generate_completions` and
+    :class:`~torchrl_r2vpo.envs.TokenGenerationEnv` take this list so that they agree.
+
+    Examples:
+        >>> from torchrl_r2vpo.modules.math_lm import load_math_lm
+        >>> model, tokenizer = load_math_lm()
+        >>> model.generation_config.eos_token_id = [2, 5]
+        >>> stop_token_ids(model, tokenizer)
+        [2, 5]
+    """
+    ids = [tokenizer.eos_token_id]
+    config = getattr(model, "generation_config", None)
+    extra = getattr(config, "eos_token_id", None)
+    for token in [extra] if isinstance(extra, int) else (extra or []):
+        if int(token) not in ids:
+            ids.append(int(token))
+    return ids
+
+
+def _completion_mask(response: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """``True`` up to and including the first stop token of each row."""
+    is_stop = torch.isin(response, torch.tensor(stop_ids, device=response.device)).long()
+    return (is_stop.cumsum(-1) - is_stop) == 0
 
 
 class TransformersBackend:
     """Samples completions with ``model.generate`` (the training model itself: nothing to sync).
+
+    A completion ends at the first of :func:`stop_token_ids`.
 
     Args:
         model: a ``transformers`` causal language model.
@@ -115,6 +143,7 @@ class TransformersBackend:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.stop_token_ids = stop_token_ids(model, tokenizer)
 
     def sync_weights(self, model: nn.Module) -> None:
         """Nothing to do: generation uses the training model."""
@@ -125,7 +154,7 @@ class TransformersBackend:
         """Returns completions ``[N, max_new_tokens]``, their mask and log-probabilities."""
         from transformers import GenerationConfig
 
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        pad, stops = self.tokenizer.pad_token_id, self.stop_token_ids
         was_training = self.model.training
         self.model.eval()
         try:
@@ -135,7 +164,7 @@ class TransformersBackend:
             # penalty, top-k, min-p, ...) may reshape the distribution
             saved, self.model.generation_config = self.model.generation_config, GenerationConfig(
                 do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
-                max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=eos)
+                max_new_tokens=self.max_new_tokens, pad_token_id=pad, eos_token_id=stops)
             try:
                 out = self.model.generate(input_ids=prompt.to(device),
                                           attention_mask=prompt_mask.long().to(device))
@@ -143,7 +172,7 @@ class TransformersBackend:
                 self.model.generation_config = saved
             response = torch.full((len(prompt), self.max_new_tokens), pad)
             response[:, : out.shape[-1] - prompt.shape[-1]] = out[:, prompt.shape[-1]:].cpu()
-            mask = _completion_mask(response, eos)
+            mask = _completion_mask(response, stops)
             response = torch.where(mask, response, pad)
             log_probs = response_log_probs(self.model, prompt, prompt_mask, response, mask,
                                            self.temperature)
@@ -190,11 +219,12 @@ class VLLMBackend:
 
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.stop_token_ids = stop_token_ids(model, tokenizer)
         self.engine = vllm.LLM(model=model_path, seed=seed, **engine_kwargs)
         self._in_process = not vllm.envs.VLLM_ENABLE_V1_MULTIPROCESSING
         self._params = vllm.SamplingParams(
             temperature=temperature, top_p=1.0, top_k=-1, max_tokens=max_new_tokens,
-            stop_token_ids=[tokenizer.eos_token_id])
+            stop_token_ids=self.stop_token_ids)
 
     def sync_weights(self, model: nn.Module) -> None:
         """Copies the training model's weights into the vLLM engine.
@@ -220,14 +250,18 @@ class VLLMBackend:
     def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns completions ``[N, max_new_tokens]``, their mask and log-probabilities."""
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
         requests = [{"prompt_token_ids": row[m].tolist()} for row, m in zip(prompt, prompt_mask.bool())]
         outputs = self.engine.generate(requests, self._params, use_tqdm=False)
         response = torch.full((len(prompt), self.max_new_tokens), pad)
+        sampled = torch.zeros(response.shape, dtype=torch.bool)
         for i, out in enumerate(outputs):
             ids = list(out.outputs[0].token_ids)[: self.max_new_tokens]
             response[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask = _completion_mask(response, eos)
+            sampled[i, : len(ids)] = True
+        # what vLLM sampled, up to the first stop token (padding is never a sampled token,
+        # whichever token vLLM stopped on)
+        mask = _completion_mask(response, self.stop_token_ids) & sampled
         response = torch.where(mask, response, pad)
         was_training = self.model.training
         self.model.eval()

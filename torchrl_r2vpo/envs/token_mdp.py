@@ -38,7 +38,8 @@ class TokenGenerationEnv(EnvBase):
     generated so far), ``"group"`` ``[N, 1]`` (index of the prompt in the batch) and
     ``"problem_index"`` ``[N, 1]`` (index into ``prompts``). Action: ``"action"``, one
     token id per sequence. ``N = num_prompts * group_size``; ``L = max_prompt_length +
-    max_new_tokens``. A sequence terminates on ``eos_token_id`` and is truncated after
+    max_new_tokens``. A sequence terminates on a stop token (the tokenizer's EOS, or
+    ``stop_token_ids``) and is truncated after
     ``max_new_tokens``; it then receives ``reward_fn(completion_text, answer)``. A finished
     sequence ignores further actions, so ``rollout(..., break_when_all_done=True)`` runs
     the batch until every completion has ended.
@@ -60,6 +61,9 @@ class TokenGenerationEnv(EnvBase):
         vocab_size: size of the action space; defaults to ``len(tokenizer)`` (pass the
             model's vocabulary size when its embedding is padded).
         seed: seed of the prompt order.
+        stop_token_ids: the ids that end a completion; the tokenizer's EOS by default.
+            Pass :func:`~torchrl_r2vpo.collectors.stop_token_ids` of a model whose
+            generation config lists several EOS ids (chat models).
 
     Examples:
         >>> from torchrl_r2vpo.modules.math_lm import build_math_tokenizer
@@ -90,6 +94,7 @@ class TokenGenerationEnv(EnvBase):
         vocab_size: int | None = None,
         seed: int = 0,
         device: torch.device | str | None = None,
+        stop_token_ids: Sequence[int] | None = None,
     ):
         if len(prompts) != len(answers) or not prompts:
             raise ValueError(f"need as many answers as prompts (>0), got {len(prompts)} "
@@ -99,6 +104,8 @@ class TokenGenerationEnv(EnvBase):
                              f"{num_prompts}, {group_size}, {max_new_tokens}")
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer needs a pad token and an EOS token")
+        if stop_token_ids is not None and not len(stop_token_ids):
+            raise ValueError("stop_token_ids must name at least one token")
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         longest = max(len(ids) for ids in encoded)
         width = longest if max_prompt_length is None else max_prompt_length
@@ -113,7 +120,9 @@ class TokenGenerationEnv(EnvBase):
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
         self.num_prompts, self.group_size = num_prompts, group_size
         self.max_prompt_length, self.max_new_tokens = width, max_new_tokens
-        self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.stop_token_ids = torch.tensor(
+            [tokenizer.eos_token_id] if stop_token_ids is None else list(stop_token_ids))
         self.vocab_size = len(tokenizer) if vocab_size is None else vocab_size
         super().__init__(batch_size=torch.Size([num_prompts * group_size]), device=device)
         # the prompt order: the position in a seeded permutation per pass (state_dict-able)
@@ -195,7 +204,8 @@ class TokenGenerationEnv(EnvBase):
         tokens.scatter_(1, column, torch.where(active, action, tokens.gather(1, column)))
         mask.scatter_(1, column, mask.gather(1, column) | active)
         generated = generated + active.long()
-        terminated = tensordict.get("terminated", active & False) | (active & (action == self.eos_token_id))
+        stop = torch.isin(action, self.stop_token_ids.to(action.device))
+        terminated = tensordict.get("terminated", active & False) | (active & stop)
         truncated = ~terminated & (generated >= self.max_new_tokens)
         done = terminated | truncated
         reward = torch.zeros_like(generated, dtype=torch.float32)

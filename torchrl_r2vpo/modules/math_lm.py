@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from torchrl_r2vpo.collectors.llm_rollout import stop_token_ids
 from torchrl_r2vpo.envs.math_data import MathProblem, generate_problems
 from torchrl_r2vpo.envs.math_reward import math_reward
 
@@ -436,7 +437,8 @@ def generate_completions(
     """Completions of :func:`format_prompt` prompts, decoded without special tokens.
 
     Greedy decoding, or sampling at ``temperature`` with no top-k/top-p truncation.
-    Prompts are batched by length with left padding.
+    Prompts are batched by length with left padding. A completion ends at the first of
+    :func:`~torchrl_r2vpo.collectors.stop_token_ids`.
 
     Args:
         model: a causal LM.
@@ -455,6 +457,7 @@ def generate_completions(
         (1, True)
     """
     order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
+    stops = stop_token_ids(model, tokenizer)
     texts: list[str] = [""] * len(questions)
     sampling = {"do_sample": False}
     if not greedy:
@@ -476,7 +479,7 @@ def generate_completions(
                 **inputs,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
                 **sampling,
             )
             new_tokens = output[:, inputs["input_ids"].shape[1] :]
