@@ -12,7 +12,12 @@ from torchrl.checkpoint import Checkpoint
 from torchrl.collectors import Collector
 from torchrl.envs import GymEnv
 from torchrl.modules import ProbabilisticActor, TanhNormal, ValueOperator
-from torchrl.trainers import DefaultOptimizationStepper, Trainer
+from torchrl.trainers import (
+    BatchSubSampler,
+    DefaultOptimizationStepper,
+    MixedPrecisionOptimizationStepper,
+    Trainer,
+)
 
 from torchrl_r2vpo import DualVariableScheduler, DualVariableSchedulerHook, R2VPOLoss
 
@@ -207,7 +212,18 @@ class _nothing:
         return False
 
 
-def make_pendulum_trainer(interval, total_frames=256, **trainer_kwargs):
+class _AccumulatingStepper(MixedPrecisionOptimizationStepper):
+    """GRPOTrainer's default stepper, without the ``grad_norm`` it reports only on the
+    micro-batches that step the optimiser (TorchRL's per-batch averaging needs every key)."""
+
+    def step(self, trainer, sub_batch):
+        metrics = super().step(trainer, sub_batch)
+        metrics.pop("grad_norm", None)
+        return metrics
+
+
+def make_pendulum_trainer(interval, total_frames=256, optim_steps_per_batch=4, stepper=None,
+                          **trainer_kwargs):
     torch.manual_seed(0)
     env = GymEnv("Pendulum-v1")
     env.set_seed(0)
@@ -216,6 +232,9 @@ def make_pendulum_trainer(interval, total_frames=256, **trainer_kwargs):
     # a target far below what four large steps produce: lambda must rise
     loss = R2VPOLoss(actor, critic, ratio_var_target=1e-6, lagrange_multiplier=0.5)
     loss.make_value_estimator(gamma=0.9, lmbda=0.9)
+    optimizer = torch.optim.Adam(loss.parameters(), lr=0.05)
+    if stepper is not None:
+        stepper = stepper(optimizer)
     collector = Collector(
         env,
         actor,
@@ -227,10 +246,10 @@ def make_pendulum_trainer(interval, total_frames=256, **trainer_kwargs):
         collector=collector,
         total_frames=total_frames,
         frame_skip=1,
-        optim_steps_per_batch=4,
+        optim_steps_per_batch=optim_steps_per_batch,
         loss_module=loss,
-        optimizer=torch.optim.Adam(loss.parameters(), lr=0.05),
-        optimization_stepper=DefaultOptimizationStepper(),
+        optimizer=optimizer,
+        optimization_stepper=stepper or DefaultOptimizationStepper(),
         progress_bar=False,
         save_trainer_interval=1,
         **trainer_kwargs,
@@ -258,6 +277,32 @@ class TestTrainerHook:
         assert len(logged) == 4 and lam(loss) > logged[-1]
         if interval == "batch":  # constant within a batch
             assert logged[0] == 0.5 and all(b > a for a, b in zip(logged, logged[1:]))
+
+    @pytest.mark.timeout(120)
+    def test_optim_interval_steps_once_per_accumulated_step_on_the_pooled_variance(self):
+        # 2 batches x 8 micro-batches, 4 per optimiser step: 4 dual steps, lambda fixed within each
+        trainer, loss, scheduler, hook = make_pendulum_trainer(
+            "optim", total_frames=128, optim_steps_per_batch=8,
+            stepper=lambda optimizer: _AccumulatingStepper(optimizer, gradient_accumulation_steps=4))
+        BatchSubSampler(batch_size=16).register(trainer)  # micro-batches of different samples
+        used, sums = [], []
+        forward = loss.forward
+
+        def spy(tensordict):
+            used.append(lam(loss))
+            out = forward(tensordict)
+            sums.append(loss.last_ratio_sums.clone())
+            return out
+
+        loss.forward = spy
+        trainer.train()
+        assert trainer.optimization_stepper.optimizer_step_count == scheduler.num_steps == 4
+        assert len(used) == 16 and all(len(set(used[i:i + 4])) == 1 for i in range(0, 16, 4))
+        assert used[-1] > used[0] == 0.5
+        count, ratio_sum, ratio_sq_sum = torch.stack(sums[-4:]).sum(0)
+        pooled = ratio_sq_sum / count - (ratio_sum / count) ** 2
+        assert scheduler.last_statistic == pytest.approx(pooled.item(), rel=1e-6)
+        assert scheduler.last_statistic != pytest.approx(loss.last_ratio_var.item(), rel=1e-3)
 
     @pytest.mark.timeout(120)
     def test_trainer_checkpoint_restores_lambda_and_scheduler(self, tmp_path):

@@ -18,7 +18,7 @@ from torchrl.modules.distributions import IndependentNormal
 from torchrl.objectives import ClipPPOLoss, PPOLoss, SoftUpdate
 from torchrl.objectives.value import GAE
 
-from torchrl_r2vpo import R2VPOLoss
+from torchrl_r2vpo import DualVariableScheduler, R2VPOLoss
 
 N_OBS, N_ACT = 4, 2
 
@@ -177,6 +177,20 @@ class TestIdentities:
         stateful = R2VPOLoss(actor, critic, lagrange_multiplier=1.0, functional=False)(data)
         for key in ("loss_objective", "loss_ratio_var", "loss_critic", "ratio_var"):
             torch.testing.assert_close(out[key], stateful[key])
+
+    def test_explained_variance_is_ppo_s_on_a_flat_batch_and_one_scalar_on_a_2d_one(self):
+        actor, data = stale_setup()
+        critic = make_critic()
+        ours = R2VPOLoss(actor, critic)(data)["explained_variance"]
+        torch.testing.assert_close(ours, PPOLoss(actor, critic)(data)["explained_variance"].squeeze())
+        assert ours.shape == ()
+        data = make_data(actor, batch=(4, 16))
+        out = R2VPOLoss(actor, critic)(data)["explained_variance"]
+        with torch.no_grad():
+            residual = data["value_target"] - critic(data.clone())["state_value"]
+        expected = 1 - residual.var(correction=0) / data["value_target"].var(correction=0)
+        assert out.shape == ()
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
 
     def test_delay_actor_constrains_the_proximal_ratio(self):
         actor, data = stale_setup()
@@ -398,6 +412,24 @@ class TestTorchRLConventions:
         assert other.lagrange_multiplier.dtype == torch.float64
         other.reset()
         assert other.lagrange_multiplier.item() == 0.5  # its own initial value
+        bad = dict(state, lagrange_multiplier=torch.tensor(-3.0))
+        with pytest.raises(ValueError, match="lagrange_multiplier in the state_dict must be .* >= 0"):
+            other.load_state_dict(bad)
+        assert other.lagrange_multiplier.item() == 0.5
+
+    def test_half_precision_keeps_the_dual_variables_in_float32(self):
+        # in bfloat16 a dual step of 3e-3 is lost against lambda = 1, and delta = 0.02 rounds
+        actor, data = stale_setup()
+        loss = R2VPOLoss(actor, lagrange_multiplier=1.0, ratio_var_target=0.02).bfloat16()
+        assert loss.lagrange_multiplier.dtype == loss.ratio_var_target.dtype == torch.float32
+        assert loss.ratio_var_target.item() == torch.tensor(0.02).item()
+        dual = DualVariableScheduler(loss, lr=0.1)
+        for _ in range(100):
+            dual.step(0.05)
+        assert loss.lagrange_multiplier.item() == pytest.approx(1.3, abs=1e-5)
+        out = loss(data.bfloat16())
+        assert out["ratio_var"].dtype == torch.float32 and out["loss_ratio_var"].dtype == torch.float32
+        assert loss.last_ratio_var.dtype == torch.float32
 
     def test_forward_is_pure(self):
         actor, data = stale_setup()
@@ -448,7 +480,8 @@ class TestTorchRLConventions:
         perturb_(actor)
         mask = torch.rand(4, 16, generator=torch.Generator().manual_seed(0)) > 0.3
         data.set(("collector", "mask"), mask)
-        # padding may hold garbage, including non-finite values
+        # stored entries may hold garbage at padding, non-finite values included (the
+        # networks' inputs there must be finite: a NaN observation poisons their gradients)
         data["action_log_prob"] = torch.where(mask, data["action_log_prob"], float("nan"))
         data["advantage"] = torch.where(mask.unsqueeze(-1), data["advantage"], float("inf"))
         data["observation"] = torch.where(mask.unsqueeze(-1), data["observation"], 1e3)
@@ -459,7 +492,7 @@ class TestTorchRLConventions:
         valid = loss(data[mask].exclude("collector"))
         keys = ["loss_objective", "loss_ratio_var", "loss_critic", "loss_entropy",
                 "ratio_var", "ESS", "kl_approx", "mean_ratio", "max_ratio", "entropy",
-                "clip_fraction"]
+                "clip_fraction", "explained_variance"]
         for key in keys:
             torch.testing.assert_close(out[key], valid[key], msg=key)
             assert torch.isfinite(out[key])
@@ -577,6 +610,16 @@ class TestBadInput:
         loss.lagrange_multiplier = torch.tensor(2, dtype=torch.float64)  # copied in place
         assert loss.lagrange_multiplier is buffer and buffer.dtype == torch.float32
         assert buffer.item() == 2.0
+
+    def test_an_advantage_with_several_columns_is_checked_not_refused(self):
+        # PPOLoss broadcasts an advantage of shape [N, k] (k reward heads) against the ratio
+        actor, data = stale_setup()
+        data["advantage"] = torch.randn(*data.shape, 2, generator=torch.Generator().manual_seed(0))
+        expected = PPOLoss(actor, entropy_bonus=False)(data)["loss_objective"]
+        torch.testing.assert_close(R2VPOLoss(actor, entropy_bonus=False)(data)["loss_objective"], expected)
+        data["advantage"][3, 1] = float("nan")
+        with pytest.raises(ValueError, match="advantage.*'advantage'"):
+            R2VPOLoss(actor)(data)
 
     def test_check_finite_can_be_disabled(self):
         actor, data = stale_setup()

@@ -13,6 +13,8 @@ from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
 from torchrl.trainers import Trainer, TrainerHookBase
 
+from torchrl_r2vpo.objectives.llm import merge_ratio_stats
+
 __all__ = ["DualVariableScheduler", "DualVariableSchedulerHook"]
 
 
@@ -267,16 +269,22 @@ class DualVariableSchedulerHook(TrainerHookBase):
             the ``post_optim_complete_log`` stage, from the ``ratio_var`` the
             trainer averaged over the batch's last epoch (the policy furthest
             from the behaviour policy).
-            ``"optim"`` steps after every optimisation step (``post_optim``),
-            from the statistic the loss recorded for that step. Defaults to
-            ``"batch"``.
+            ``"optim"`` steps once per optimiser step (``post_optim``), from
+            the statistic the loss recorded for that step. Under gradient
+            accumulation (an ``optimization_stepper`` with
+            ``gradient_accumulation_steps > 1``) that is the ratio variance of
+            all the step's micro-batches together, pooled exactly from the
+            loss's ``last_ratio_sums``, and ``lambda`` stays fixed within the
+            step. Defaults to ``"batch"``.
 
     The trainer already logs the loss's ``ratio_var`` and ``lagrange_multiplier``
     diagnostics (the multiplier each batch ran with), so the hook logs nothing.
     Registered with :meth:`register`, the hook is part of the trainer's
     ``state_dict`` and checkpoints; the multiplier itself is saved with the
     loss module. Like :class:`~torchrl.trainers.LRSchedulerHook`, it skips a
-    call when no optimisation step has run since the previous one.
+    call when no optimiser step has run since the previous one (counted as
+    TorchRL's ``UpdateWeights`` counts them: the stepper's
+    ``optimizer_step_count`` when the trainer has one).
 
     Example, with ``loss`` an :class:`~torchrl_r2vpo.R2VPOLoss` and ``trainer`` a
     :class:`~torchrl.trainers.Trainer` built on it (``tests/test_dual.py`` runs
@@ -302,14 +310,19 @@ class DualVariableSchedulerHook(TrainerHookBase):
         self.interval = interval
         self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
         self._last_optim_count = 0
+        self._micro_batch_sums: list[torch.Tensor] = []  # of the optimiser step under way
 
     def _optimised_since_last_call(self) -> bool:
         trainer = self._trainer_ref() if self._trainer_ref is not None else None
         if trainer is None:
             return True
-        if trainer._optim_count == self._last_optim_count:
+        stepper = getattr(trainer, "optimization_stepper", None)
+        count = getattr(stepper, "optimizer_step_count", None)
+        if count is None:
+            count = trainer._optim_count
+        if count == self._last_optim_count:
             return False
-        self._last_optim_count = trainer._optim_count
+        self._last_optim_count = count
         return True
 
     def __call__(
@@ -317,8 +330,26 @@ class DualVariableSchedulerHook(TrainerHookBase):
         optim_steps: int | None = None,
         average_losses: TensorDictBase | None = None,
     ) -> None:
-        if self._optimised_since_last_call():
-            self.scheduler.step(average_losses)
+        if self.interval == "batch":
+            if self._optimised_since_last_call():
+                self.scheduler.step(average_losses)
+            return
+        loss = self.scheduler.loss_module
+        sums = getattr(loss, "last_ratio_sums", None)
+        if sums is not None:
+            self._micro_batch_sums.append(sums.detach().clone())
+        if not self._optimised_since_last_call():
+            return  # a micro-batch whose gradient is still being accumulated
+        if not self._micro_batch_sums:  # a loss without the sums: its last statistic
+            self.scheduler.step()
+            return
+        count, ratio_sum, ratio_sq_sum = torch.stack(self._micro_batch_sums).sum(0)
+        self._micro_batch_sums.clear()
+        pooled = merge_ratio_stats(
+            [{"num_tokens": count, "ratio_sum": ratio_sum, "ratio_sq_sum": ratio_sq_sum}],
+            variance_center=loss.variance_center,
+        )
+        self.scheduler.step(pooled["ratio_var"])
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -47,9 +47,11 @@ from torchrl.objectives.llm import CISPOLoss, DAPO, GRPOLoss, LLMLossOutput
 from torchrl.objectives.llm.grpo import CISPOLossOutput, DAPOLossOutput, GRPOLossOutput
 
 from torchrl_r2vpo.objectives.r2vpo import (
+    _at_least_float32,
     _check_non_negative,
     _LagrangianMixin,
     _loss_validity_mask,
+    _NON_NEGATIVE_COEFFS,
     _reject_unknown_kwargs,
 )
 
@@ -68,7 +70,6 @@ __all__ = [
 ]
 
 _VARIANCE_CENTERS = ("mean", "one")
-_NON_NEGATIVE_COEFFS = ("lagrange_multiplier", "ratio_var_target")
 _AGGREGATIONS = ("token_mean", "prompt_mean", "none")
 _MASKING_STRATEGIES = ("sft", "rlhf", "generic")
 # the entries TorchRL's LLM wrappers read and write (pad_output=True layout)
@@ -431,7 +432,8 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
     ``delta`` (``ratio_var_target``), both saved in the ``state_dict``, but never
     updates them: :class:`~torchrl_r2vpo.DualVariableScheduler` does, from the
     ``ratio_var`` the loss reports (the LLM setting uses this adaptive dual
-    variable). ``forward`` is pure apart from the ``last_ratio_var`` record.
+    variable). ``forward`` is pure apart from the ``last_ratio_var`` and
+    ``last_ratio_sums`` records.
 
     An optional KL penalty to a reference model uses GRPOLoss's own
     ``kl_to_ref_coeff`` (k3 estimator, reference log-probs under
@@ -480,13 +482,16 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
     ``loss_ratio_var`` is ``lambda * ratio_var`` for every one too (``prompt_mean``
     weighs the objective per sequence, the constraint stays on tokens). Each
     call also records ``ratio_var`` in the non-persistent ``last_ratio_var``
-    buffer, which a scheduler stepped without argument reads.
+    buffer, which a scheduler stepped without argument reads, and the sums in
+    ``last_ratio_sums`` (count, sum, sum of squares).
 
     .. note:: Step :class:`~torchrl_r2vpo.DualVariableScheduler` on the
        output (or ``output.ratio_var``) after a single-batch update, on the
        :func:`merge_ratio_stats` of the micro-batch outputs after an
        accumulated one, or with no argument (``last_ratio_var``, the last
-       micro-batch's own statistic only).
+       micro-batch's own statistic only). In a TorchRL ``Trainer``,
+       :class:`~torchrl_r2vpo.DualVariableSchedulerHook` with
+       ``interval="optim"`` pools the micro-batches of each optimiser step itself.
 
     Examples:
         >>> import torch
@@ -596,6 +601,7 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
                 f"{advantage.ndim=} and {log_weight.ndim=}: store the advantage as "
                 "[N, 1, 1] (one value per sequence) or [N, L, 1] (per token)."
             )
+        log_weight = _at_least_float32(log_weight)  # bfloat16 ratios skew ratio_var
         ratio = log_weight.exp()
         if self.check_finite and not is_dynamo_compiling():
             _check_finite_llm(ratio, advantage, mask, self.tensor_keys)
@@ -624,7 +630,8 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
             td_out.set("loss_entropy", aggregate(-self.entropy_coeff * entropy))
             del entropy
         self._add_kl_terms(tensordict, td_out, mask, dist)
-        self.last_ratio_var.copy_(td_out.get("ratio_var"))
+        self._record_ratio_stats(td_out.get("ratio_var"), stats["num_tokens"], stats["ratio_sum"],
+                                 stats["ratio_sq_sum"])
         del tensordict["_cur_log_prob"]
         return self.output_type.from_tensordict(td_out)
 

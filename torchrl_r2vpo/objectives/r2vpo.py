@@ -20,6 +20,7 @@ __all__ = ["R2VPOLoss"]
 
 _VARIANCE_CENTERS = ("mean", "one")
 _NON_NEGATIVE_COEFFS = ("lagrange_multiplier", "ratio_var_target")
+_DUAL_BUFFERS = (*_NON_NEGATIVE_COEFFS, "last_ratio_var", "last_ratio_sums")
 
 
 def masked_mean(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -83,12 +84,42 @@ class _LagrangianMixin:
         self.register_coeff_buffer(
             "lagrange_multiplier", float(lagrange_multiplier), device=device, dtype=dtype
         )
-        # The statistic a DualVariableScheduler reads when stepped without one.
-        # Not persistent: it is a by-product of the last forward call, not state.
+        # The statistic a DualVariableScheduler reads when stepped without one, and the
+        # count, sum and sum of squares of the ratio it came from (float64), which pool
+        # exactly over gradient-accumulation micro-batches (DualVariableSchedulerHook).
+        # Not persistent: by-products of the last forward call, not state.
         self.register_buffer(
             "last_ratio_var", torch.full((), float("nan"), device=device), persistent=False
         )
+        self.register_buffer(
+            "last_ratio_sums", torch.zeros(3, dtype=torch.float64, device=device), persistent=False
+        )
         self._lagrange_multiplier_init = float(lagrange_multiplier)
+
+    def _apply(self, fn, *args, **kwargs):
+        # lambda and delta stay in float32 (or wider) when the module goes to half
+        # precision: a dual step of 1e-3 vanishes against lambda = 1 in bfloat16
+        kept = {name: self._buffers[name] for name in _DUAL_BUFFERS}
+        module = super()._apply(fn, *args, **kwargs)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype in (torch.float16, torch.bfloat16):
+                self._buffers[name] = before.to(after.device, torch.promote_types(before.dtype, torch.float32))
+        return module
+
+    @torch.no_grad()
+    def _record_ratio_stats(self, ratio_var: torch.Tensor, count: torch.Tensor,
+                            ratio_sum: torch.Tensor, ratio_sq_sum: torch.Tensor) -> None:
+        self.last_ratio_var.copy_(ratio_var)
+        self.last_ratio_sums.copy_(torch.stack([count.to(torch.float64), ratio_sum.to(torch.float64),
+                                                ratio_sq_sum.to(torch.float64)]))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in _NON_NEGATIVE_COEFFS:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                _check_non_negative(f"{prefix}{name} in the state_dict", float(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __setattr__(self, name: str, value) -> None:
         if name in _NON_NEGATIVE_COEFFS and isinstance(value, torch.Tensor):
@@ -193,12 +224,20 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
     and the detached diagnostics ``ratio_var``, ``lagrange_multiplier``,
     ``kl_approx``, ``ESS`` (normalised effective sample size,
     ``1 / (1 + Var(r) / mean(r)^2)``), ``clip_fraction``, ``mean_ratio``,
-    ``max_ratio`` and ``entropy``. All statistics, and the advantage
+    ``max_ratio``, ``entropy`` and, with a critic, ``explained_variance`` (one
+    scalar). All statistics, and the advantage
     normalisation, are taken over the valid positions selected by
     :attr:`~torchrl.objectives.LossModule.loss_mask_key`; with no valid position
-    ``ratio_var`` is NaN, which the scheduler skips. Each call also records
-    ``ratio_var`` in the ``last_ratio_var`` buffer (not saved in the
-    ``state_dict``), which a scheduler stepped without argument reads.
+    ``ratio_var`` is NaN, which the scheduler skips. Padding may hold anything
+    in the stored entries (log-probabilities, advantages, value targets), but the
+    networks' inputs there must be finite, as TorchRL's collectors pad them (zeros):
+    a NaN observation gives NaN gradients through the networks even at weight 0.
+
+    Each call also records ``ratio_var`` in the ``last_ratio_var`` buffer, which a
+    scheduler stepped without argument reads, and the count, sum and sum of squares
+    of the ratio in ``last_ratio_sums`` (float64), which
+    :class:`~torchrl_r2vpo.DualVariableSchedulerHook` pools over the micro-batches
+    of a gradient-accumulation step; neither is saved in the ``state_dict``.
 
     Examples:
         >>> import torch
@@ -321,13 +360,15 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
     ) -> None:
         """Raises a ``ValueError`` naming the input that made ``ratios`` (the proximal and
         behaviour ratios, stacked) or the advantage non-finite at valid positions."""
-        def all_finite(value):
-            finite = torch.isfinite(value)
-            if mask is not None:
-                finite = finite | ~mask
-            return bool(finite.all())
+        def finite(value):
+            valid = torch.isfinite(value)
+            return (valid if mask is None else valid | ~mask).all()
 
-        if all_finite(torch.cat([ratios, advantage.expand_as(ratios[0]).unsqueeze(0)])):
+        def all_finite(value):
+            return bool(finite(value))
+
+        # the advantage may have more columns than the ratio (several reward heads)
+        if bool(finite(ratios) & finite(advantage)):
             return  # one host sync when all is well
         if not all_finite(advantage):
             raise ValueError(
@@ -357,6 +398,19 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             "too large a step)."
         )
 
+    @torch.no_grad()
+    def _explained_variance(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """``1 - Var(target - value) / Var(target)`` over the valid positions, with the
+        value the critic predicted in :meth:`loss_critic` (written into ``tensordict``)."""
+        target = tensordict.get(self.tensor_keys.value_target)
+        value = tensordict.get(self.tensor_keys.value)
+        mask = _loss_validity_mask(self, tensordict, target)
+
+        def variance(x):
+            return masked_mean((x - masked_mean(x, mask)).pow(2), mask)
+
+        return 1.0 - variance(target - value) / (variance(target) + torch.finfo(target.dtype).eps)
+
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         tensordict = tensordict.clone(False)
@@ -384,6 +438,11 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
         log_weight, dist, kl_approx, log_is_weight = self._log_weight(
             tensordict, adv_shape=advantage.shape[:-1]
         )
+        # the ratio and its variance in float32 at least (bfloat16 ratios make ratio_var
+        # tens of percent off, and the dual ascent reads it)
+        log_weight = _at_least_float32(log_weight)
+        if log_is_weight is not None:
+            log_is_weight = _at_least_float32(log_is_weight)
         advantage = _broadcast_advantage_to_log_weight(advantage, log_weight)
         _check_advantage_broadcast(advantage, log_weight)
         mask = _loss_validity_mask(self, tensordict, log_weight)
@@ -418,7 +477,11 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             ratio_var = masked_mean(sq_dev.detach(), mask)
             if mask is not None:  # no valid position: no statistic
                 ratio_var = torch.where(mask.any(), ratio_var, float("nan"))
-            self.last_ratio_var.copy_(ratio_var)
+            valid = ratio.detach().to(torch.float64)
+            if mask is not None:
+                valid = torch.where(mask, valid, 0)
+            count = valid.new_tensor(valid.numel()) if mask is None else mask.sum()
+            self._record_ratio_stats(ratio_var, count, valid.sum(), valid.pow(2).sum())
             td_out.set("ratio_var", ratio_var)
             td_out.set("lagrange_multiplier", self.lagrange_multiplier.detach().clone())
             td_out.set("kl_approx", masked_mean(kl_approx.detach(), mask))
@@ -444,8 +507,8 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             td_out.set("loss_critic", loss_critic)
             if value_clip_fraction is not None:
                 td_out.set("value_clip_fraction", value_clip_fraction)
-            if explained_variance is not None:
-                td_out.set("explained_variance", explained_variance)
+            if explained_variance is not None:  # over the valid positions, as the others
+                td_out.set("explained_variance", self._explained_variance(tensordict))
         td_out = td_out.named_apply(
             lambda name, value: self._reduce_loss(value, tensordict).squeeze(-1)
             if name.startswith("loss_")
@@ -492,6 +555,10 @@ def _reject_unknown_kwargs(name: str, base: type, kwargs: dict) -> None:
     unknown = sorted(key for key in kwargs if key not in known)
     if unknown:
         raise TypeError(f"{name} got unexpected keyword argument(s): {', '.join(unknown)}.")
+
+
+def _at_least_float32(value: torch.Tensor) -> torch.Tensor:
+    return value.to(torch.promote_types(value.dtype, torch.float32))
 
 
 def _check_non_negative(name: str, value: float) -> None:
