@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 import dmc_walker  # noqa: E402
+from run_state import stop_on_sigterm  # noqa: E402
 
 from torchrl_r2vpo.envs import make_env  # noqa: E402
 
@@ -84,16 +85,16 @@ def run_summary(run_dir: Path) -> dict:
         return {"frames": 0, "rows": []}
     frames = [r["frames"] for r in curve]
     sizes = [b - a for a, b in zip([0.0] + frames, frames)]
-    first = 1 if len(curve) > 1 else 0  # the first batch warms up (and compiles, under --compile)
-    fps = [r["fps"] for r in curve[first:]]
+    # the first batch warms up (and compiles, under --compile): no speed from it
+    fps = [r["fps"] for r in curve[1:]]
     # a batch took size / fps seconds, update_s of them in GAE and the optimiser steps
-    update_share = [r["update_s"] * r["fps"] / size for r, size in zip(curve[first:], sizes[first:])
+    update_share = [r["update_s"] * r["fps"] / size for r, size in zip(curve[1:], sizes[1:])
                     if r.get("update_s", "") != ""]
     evals = [(r["frames"], r["eval_return"]) for r in curve if r["eval_return"] != ""]
     return {
         "frames": int(curve[-1]["frames"]),
         "train_s": curve[-1]["time_s"],
-        "loop_env_steps_per_s": statistics.median(fps),
+        "loop_env_steps_per_s": statistics.median(fps) if fps else None,
         "update_share": statistics.median(update_share) if update_share else None,
         "final_eval_return": evals[-1][1] if evals else None,
         "eval_frames": int(evals[-1][0]) if evals else None,
@@ -179,8 +180,14 @@ def report(results: dict, out: Path) -> str:
                   "1.1M env-steps/s after a ~33 s compile, evaluation return ~760 after ~20M "
                   "steps; TorchRL's MujocoPlaygroundEnv with random actions, 4096 environments: "
                   "WalkerWalk ~148k, CartpoleSwingupSparse ~359k env-steps/s."]
-    failed = [f"- {task} {run['loss']} seed {run['seed']} failed: {run['error'].strip()}"
-              for task, entry in results["tasks"].items() for run in entry["runs"] if "error" in run]
+    failed = [f"- {task} could not be built or stepped: {entry['error'].strip()}"
+              for task, entry in results["tasks"].items() if "error" in entry]
+    failed += [f"- {task} {run['loss']} seed {run['seed']} failed: {run['error'].strip()}"
+               for task, entry in results["tasks"].items() for run in entry["runs"] if "error" in run]
+    failed += [f"- {task} {run['loss']} seed {run['seed']} was stopped by a signal after "
+               f"{run['frames']:,} env steps; nothing ran after it"
+               for task, entry in results["tasks"].items() for run in entry["runs"]
+               if run.get("interrupted")]
     if "compile_error" in meta:
         failed.append(f"- --compile failed ({meta['compile_error'].strip()}); the runs from then on trained "
                       "eagerly")
@@ -207,6 +214,9 @@ def main() -> None:
                         help="seconds of training after which a run stops")
     parser.add_argument("--budget", type=float, default=380.0,
                         help="seconds for the whole benchmark; runs that no longer fit are skipped")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="the budget's end as a Unix time (from a launcher whose clock "
+                             "started before this process's imports); overrides --budget")
     parser.add_argument("--num-envs", type=int, default=2048)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--random-steps", type=int, default=200,
@@ -223,6 +233,9 @@ def main() -> None:
         return
 
     start = time.perf_counter()
+    if args.deadline is not None:
+        args.budget = args.deadline - time.time()
+    stop_on_sigterm()  # a backstop timeout stops the run under way as Ctrl-C does
     device = torch.device(args.device)
     results = {"meta": {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -231,15 +244,36 @@ def main() -> None:
         "example_args": list(extra), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
         "tasks": {}}
     runs = [(loss, seed) for seed in args.seeds for loss in args.losses]
+    try:
+        benchmark(args, extra, device, results, runs_dir, start)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a run: keep what is done
+        results["meta"]["interrupted"] = True
+        print("interrupted; the finished runs are saved", flush=True)
+    results["meta"]["total_s"] = time.perf_counter() - start
+    save(results, args.out)
+    print(report(results, args.out))
+
+
+def benchmark(args, extra: list[str], device: torch.device, results: dict, runs_dir: Path,
+              start: float) -> None:
+    """Runs every task's (loss, seed) runs within ``args.budget``, saving after each."""
+    runs = [(loss, seed) for seed in args.seeds for loss in args.losses]
     overhead = 20.0  # seconds a run takes beyond its time limit (start, last batch, evaluation)
     for t, task in enumerate(args.tasks):
         if time.perf_counter() - start > args.budget - 60:
             print(f"skipping {task}: out of --budget", flush=True)
             continue
         t0 = time.perf_counter()
-        env = make_env(f"playground:{task}", num_envs=args.num_envs, seed=0, device=device)
-        entry = results["tasks"][task] = {"build_s": time.perf_counter() - t0, "runs": []}
-        entry["compile_s"], entry["env_steps_per_s"] = env_rate(env, args.random_steps, device)
+        entry = results["tasks"][task] = {"runs": []}
+        try:  # a task that cannot be built or stepped leaves the others to run
+            env = make_env(f"playground:{task}", num_envs=args.num_envs, seed=0, device=device)
+            entry["build_s"] = time.perf_counter() - t0
+            entry["compile_s"], entry["env_steps_per_s"] = env_rate(env, args.random_steps, device)
+        except Exception as err:
+            traceback.print_exc()
+            entry["error"] = f"{type(err).__name__}: {err}"
+            save(results, args.out)
+            continue
         print(f"{task}: built in {entry['build_s']:.1f} s, compiled in {entry['compile_s']:.1f} s, "
               f"{entry['env_steps_per_s']:,.0f} env-steps/s with random actions", flush=True)
         save(results, args.out)
@@ -263,7 +297,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 torch._dynamo.reset()  # under --compile: no graphs or guards of earlier runs
                 try:
-                    dmc_walker.main(cfg, env=env)
+                    outcome = dmc_walker.main(cfg, env=env)
                 except Exception as err:  # the other runs still run
                     traceback.print_exc()
                     error = f"{type(err).__name__}: {err}"
@@ -285,11 +319,11 @@ def main() -> None:
                       f"{fmt(run.get('wall_s'), '.0f')} s, eval return "
                       f"{fmt(run.get('final_eval_return'))}, training loop "
                       f"{fmt(run.get('loop_env_steps_per_s'), ',.0f')} env-steps/s", flush=True)
+                if "error" not in run and outcome.get("interrupted"):
+                    run["interrupted"] = True  # its batches so far are in the summary
+                    raise KeyboardInterrupt
                 break
         env.close()
-    results["meta"]["total_s"] = time.perf_counter() - start
-    save(results, args.out)
-    print(report(results, args.out))
 
 
 if __name__ == "__main__":

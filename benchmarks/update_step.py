@@ -100,18 +100,24 @@ def main() -> None:
               f"{time.perf_counter() - start:.1f} s", flush=True)
         runs[config] = (update, batches)
     times = {config: [] for config in configs}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
     for _ in range(args.repeats):
         for config, (update, batches) in runs.items():
             times[config].append(seconds_per_step(update, batches, args.steps, device))
+        report = write_results(args, name, times)  # a run stopped later keeps these repeats
+    print(report)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
+
+def write_results(args, name: str, times: dict) -> str:
+    """Writes ``results.json`` and ``summary.md`` (medians of the repeats so far)."""
+    repeats = min(len(t) for t in times.values())
     lines = [f"Seconds per optimiser step of the example's update on {name}, torch "
-             f"{torch.__version__}; median of {args.repeats} repeats of {args.steps} steps.", "",
+             f"{torch.__version__}; median of {repeats} repeats of {args.steps} steps.", "",
              "| loss | minibatch | eager (ms) | compiled (ms) | eager / compiled |",
              "|---|---|---|---|---|"]
     results = {"device": name, "torch": torch.__version__, "steps": args.steps,
-               "repeats": args.repeats, "date": time.strftime("%Y-%m-%d"), "runs": []}
+               "repeats": repeats, "date": time.strftime("%Y-%m-%d"), "runs": []}
     for loss in args.losses:
         for mb in args.minibatch_sizes:
             eager = statistics.median(times[(loss, mb, "eager")])
@@ -126,8 +132,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     report = "\n".join(lines)
     (args.out / "summary.md").write_text(report + "\n")
-    print(report)
-
+    return report
 
 if __name__ == "__main__":
     main()

@@ -161,7 +161,11 @@ def test_playground_report_compares_at_equal_steps(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
-def test_playground_driver_retries_a_failed_compiled_run_eagerly(tmp_path, monkeypatch):
+def fake_playground_driver(monkeypatch, tmp_path, *args, interrupt_at=None, broken_task=None):
+    """playground_compare with stand-ins for the environments and examples/dmc_walker.py:
+    every run writes three 1000-frame batches at 1000 env-steps/s with 0.25 s of updates, a
+    compiled one raises, the run ``interrupt_at`` stops after its first batch as a signal
+    would, and ``broken_task`` cannot be built. Returns the module and the runs' calls."""
     pg = load("playground_compare")
     calls = []
 
@@ -169,27 +173,42 @@ def test_playground_driver_retries_a_failed_compiled_run_eagerly(tmp_path, monke
         def close(self):
             pass
 
-    def fake_main(cfg, env):  # stands in for examples/dmc_walker.py
-        calls.append((cfg.loss, cfg.compile, cfg.time_limit))
+    def fake_make_env(name, **kwargs):
+        if name == f"playground:{broken_task}":
+            raise RuntimeError("no such GPU")
+        return Env()
+
+    def fake_main(cfg, env):
+        calls.append((cfg.env, cfg.loss, cfg.compile, cfg.time_limit))
         if cfg.compile:
             raise RuntimeError("no CUDA graphs here")
+        interrupted = (cfg.env, cfg.loss) == interrupt_at
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "curve.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, ["frames", "time_s", "fps", "update_s", "train_return",
                                         "eval_return"])
-            writer.writeheader()  # 1000-frame batches at 1000 env-steps/s, 0.25 s of updates
-            for i, eval_return in enumerate(["", "", 7.0], start=1):
+            writer.writeheader()
+            for i, eval_return in enumerate(["", "", 7.0][:1 if interrupted else 3], start=1):
                 writer.writerow({"frames": 1000 * i, "time_s": i, "fps": 1000.0, "update_s": 0.25,
                                  "train_return": i, "eval_return": eval_return})
+        return {"interrupted": interrupted, "frames": 1000 if interrupted else 3000}
 
-    monkeypatch.setattr(pg, "make_env", lambda *args, **kwargs: Env())
+    monkeypatch.setattr(pg, "make_env", fake_make_env)
     monkeypatch.setattr(pg, "env_rate", lambda env, steps, device: (1.0, 5000.0))
+    monkeypatch.setattr(pg, "stop_on_sigterm", lambda: None)  # not in the test process
     monkeypatch.setattr(pg.dmc_walker, "main", fake_main)
     monkeypatch.setattr(sys, "argv", ["playground_compare.py", "--device", "cpu", "--out",
-                                      str(tmp_path), "--tasks", "CartpoleSwingupSparse",
-                                      "--budget", "400", "--time-limit", "100", "--compile"])
+                                      str(tmp_path), "--budget", "400", "--time-limit", "100",
+                                      *args])
     pg.main()
+    return pg, calls
+
+
+def test_playground_driver_retries_a_failed_compiled_run_eagerly(tmp_path, monkeypatch):
+    _, calls = fake_playground_driver(monkeypatch, tmp_path, "--tasks", "CartpoleSwingupSparse",
+                                      "--compile")
+    calls = [call[1:] for call in calls]
     # r2vpo failed compiled and was run again eagerly; ppo then trained eagerly from the start
     assert [(loss, compiled) for loss, compiled, _ in calls] == [
         ("r2vpo", True), ("r2vpo", False), ("ppo", False)]
@@ -203,6 +222,25 @@ def test_playground_driver_retries_a_failed_compiled_run_eagerly(tmp_path, monke
     summary = (tmp_path / "summary.md").read_text()
     assert "--compile failed (RuntimeError: no CUDA graphs here)" in summary
     assert "| r2vpo | 0 | 3,000 | 7.0 | 1,000 | 25% | 0% |" in summary
+
+
+def test_playground_driver_keeps_going_past_a_broken_task_and_stops_at_a_signal(tmp_path, monkeypatch):
+    _, calls = fake_playground_driver(
+        monkeypatch, tmp_path, "--tasks", "CartpoleSwingupSparse", "WalkerWalk", "CheetahRun",
+        broken_task="CartpoleSwingupSparse", interrupt_at=("playground:WalkerWalk", "ppo"))
+    # the broken task is recorded and skipped; the signal during WalkerWalk's ppo run ends it all
+    assert [call[:2] for call in calls] == [("playground:WalkerWalk", "r2vpo"),
+                                            ("playground:WalkerWalk", "ppo")]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["meta"]["interrupted"] and "CheetahRun" not in results["tasks"]
+    assert "no such GPU" in results["tasks"]["CartpoleSwingupSparse"]["error"]
+    r2vpo, ppo = results["tasks"]["WalkerWalk"]["runs"]
+    assert ppo["interrupted"] and ppo["frames"] == 1000
+    assert ppo["loop_env_steps_per_s"] is None  # its only batch was the warm-up one
+    assert r2vpo["loop_env_steps_per_s"] == 1000.0 and "interrupted" not in r2vpo
+    summary = (tmp_path / "summary.md").read_text()
+    assert "CartpoleSwingupSparse could not be built or stepped: RuntimeError: no such GPU" in summary
+    assert "WalkerWalk ppo seed 0 was stopped by a signal after 1,000 env steps" in summary
 
 
 def test_worker_scaling_is_compared_within_each_repeat(tmp_path, monkeypatch):

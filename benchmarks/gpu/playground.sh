@@ -13,18 +13,26 @@
 # update_step/; other arguments go to benchmarks/playground_compare.py (--compile included).
 #
 #   bash benchmarks/gpu/playground.sh [OUT_DIR] [--compile --tasks CartpoleSwingupSparse ...]
+#
+# .whl/ is not tracked: the device tool copies it only when the call names it in carry
+# ([".whl"]). The machine's start and idle time count against the session's device time too:
+# give TOTAL about 150 s less than the time left, and the call a timeout of TOTAL + 30.
 set -uo pipefail
 start=$SECONDS
 out=${OUT:-/tmp/playground}
 if [[ $# -gt 0 && $1 != --* ]]; then out=$1; shift; fi
 mkdir -p "$out"
 
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MUJOCO_GL=disable \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false
 if ! python3 -c "import mujoco_playground, torchrl" 2>/dev/null; then
+    if ! compgen -G ".whl/*.whl" >/dev/null; then
+        echo "no wheels in .whl/: fill it with benchmarks/gpu/wheels.sh and carry it" | tee "$out/log.txt"
+        exit 1
+    fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MUJOCO_GL=disable \
-    XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -36,8 +44,9 @@ print('torch', torch.__version__, torch.cuda.get_device_name(), '| jax', jax.__v
     # the benchmark keeps to its --budget; the timeout is the backstop
     budget=$(( ${TOTAL:-560} - (SECONDS - start) - ${UPDATE_STEP:-120} - 20 ))
     echo "benchmark budget: $budget s"
+    # the deadline counts from here, the Python imports included
     timeout -k 10 $(( budget + 20 )) python3 benchmarks/playground_compare.py \
-        --out "$out" --runs-dir /tmp/playground-runs --budget "$budget" "$@"
+        --out "$out" --runs-dir /tmp/playground-runs --deadline $(( $(date +%s) + budget )) "$@"
     echo "exit status $?"
     left=$(( ${TOTAL:-560} - (SECONDS - start) - 10 ))
     if (( left >= 60 )); then
