@@ -81,7 +81,9 @@ def summarize(out: Path, methods: list[str], rollouts: int, reference: str = "gr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Other arguments go to every run of examples/llm_math.py (see its --help).")
     parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "r2vpo-onpolicy"],
                         choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

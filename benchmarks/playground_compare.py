@@ -204,7 +204,9 @@ def save(results: dict, out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="Other arguments go to every run of examples/dmc_walker.py (see its --help).")
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--losses", nargs="+", default=["r2vpo", "ppo"], choices=["r2vpo", "ppo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])

@@ -28,6 +28,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import importlib.util
 import math
 import os
 import random
@@ -111,6 +112,9 @@ class Config:
                              f"--num-envs x --num-workers = {per_batch}.")
         if not 0 < self.minibatch_size <= self.frames_per_batch or self.epochs < 1:
             raise ValueError("--minibatch-size must be in [1, --frames-per-batch] and --epochs >= 1.")
+        if self.collector == "ray" and (self.num_workers < 2 or playground):
+            raise ValueError("--collector ray runs --num-workers >= 2 workers as Ray actors; one "
+                             "worker, and Playground's batch, collect in this process.")
 
 
 # settings a resumed run may change; every other one must match the checkpoint's
@@ -291,6 +295,8 @@ def make_collector(cfg: Config, actor, total_frames: int, seed: int, env=None):
     if env is not None:  # one batched environment on the device: no copies, no processes
         collector = Collector(env, actor, device=cfg.device, track_traj_ids=False, **kwargs)
     elif cfg.num_workers > 1 and cfg.collector == "ray":  # Ray actors, on any machine of the cluster
+        if importlib.util.find_spec("ray") is None:
+            raise ImportError("--collector ray needs ray: pip install 'torchrl_r2vpo[ray]'.")
         collector = Collector(env_fns, actor, backend="ray", sync=True, **frames,
                               backend_options=dict(
                                   remote_configs=RAY_WORKER,

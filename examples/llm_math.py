@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import importlib.util
 import random
 import time
 from dataclasses import dataclass
@@ -26,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+if importlib.util.find_spec("transformers") is None:
+    raise SystemExit("examples/llm_math.py needs transformers: pip install 'torchrl_r2vpo[llm]'.")
+
 from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
 from torchrl.modules.llm import TransformersWrapper
 from torchrl.record.loggers import get_logger
@@ -79,6 +84,7 @@ class Config:
     ratio_var_target: float = 0.01  # R2VPO's delta
     dual: str = "adaptive"  # adaptive | fixed
     dual_lr: float = 10.0
+    lambda_max: float = 0.0  # cap of the adaptive lambda (0: none)
     kl_to_ref: float = 0.0  # k3 KL to the initial model, as GRPOLoss's kl_to_ref_coeff
     eval_every: int = 1024  # rollouts between held-out evaluations
     checkpoint_every: int = 1024
@@ -92,6 +98,9 @@ class Config:
                      "checkpoint_every", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.lambda_max < 0 or 0 < self.lambda_max < self.lagrange_multiplier:
+            raise ValueError(f"--lambda-max must be 0 (no cap) or >= --lagrange-multiplier "
+                             f"{self.lagrange_multiplier}, got {self.lambda_max}.")
         if self.group_size < 2:  # a group of one has advantage 0: nothing would be learnt
             raise ValueError(f"--group-size must be >= 2, got {self.group_size}: advantages "
                              "are rewards relative to the other completions of the prompt.")
@@ -115,6 +124,8 @@ HELP = {"model": "hub id or local path of a causal LM (default: the tiny model s
         "reuse": "also train on the K previous batches (stale data, tagged by policy version)",
         "dual": "adaptive: lambda follows dual ascent on Var(r) - delta; fixed: constant lambda",
         "kl_to_ref": "coefficient of the k3 KL to the initial model (0: none)",
+        "lambda_max": "upper bound of the adaptive lambda (0: none); stale batches can hold "
+                      "Var(r) above delta, and lambda then grows without one",
         "resume": "continue from --out/checkpoint.pt",
         "overwrite": "replace the run in --out (without it a fresh run refuses to)"}
 
@@ -141,7 +152,7 @@ def make_loss(cfg: Config, scorer):
     loss = make_llm_loss(cfg.loss, scorer, **kwargs)
     scheduler = None
     if cfg.loss == "r2vpo" and cfg.dual == "adaptive":
-        scheduler = DualVariableScheduler(loss, lr=cfg.dual_lr)
+        scheduler = DualVariableScheduler(loss, lr=cfg.dual_lr, max_value=cfg.lambda_max or None)
     return loss, scheduler
 
 

@@ -202,6 +202,7 @@ def test_playground_preset_is_shared_and_flags_given_win():
     (["--num-envs", "24"], "multiple of --num-envs x --num-workers = 48"),
     (["--minibatch-size", "8192"], "--minibatch-size must be in"),
     (["--epochs", "0"], "--epochs >= 1"),
+    (["--collector", "ray", "--num-workers", "1"], "--collector ray runs --num-workers >= 2"),
 ])
 def test_inconsistent_flags_are_refused_by_name(flags, message):
     sys.path.insert(0, str(EXAMPLE.parent))
@@ -209,6 +210,18 @@ def test_inconsistent_flags_are_refused_by_name(flags, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_args(flags)
+
+
+def test_a_missing_ray_names_the_extra(monkeypatch):
+    sys.path.insert(0, str(EXAMPLE.parent))
+    import dmc_walker
+
+    find_spec = dmc_walker.importlib.util.find_spec
+    monkeypatch.setattr(dmc_walker.importlib.util, "find_spec",
+                        lambda name, *args: None if name == "ray" else find_spec(name, *args))
+    cfg = dmc_walker.parse_args(["--collector", "ray"])
+    with pytest.raises(ImportError, match=re.escape("pip install 'torchrl_r2vpo[ray]'")):
+        dmc_walker.make_collector(cfg, actor=None, total_frames=cfg.frames_per_batch, seed=0)
 
 
 def test_evaluation_in_a_single_environment():

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from torchrl.modules.llm import TransformersWrapper
+
 from torchrl_r2vpo import LLM_LOSSES
 from torchrl_r2vpo.modules.math_lm import build_math_lm, build_math_tokenizer
 
@@ -107,10 +109,38 @@ def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
     assert result["rollouts"] == 32
 
 
+def test_lambda_max_bounds_the_adaptive_dual(tmp_path, tiny_model):
+
+    def scheduler(**overrides):
+        cfg = config(tmp_path, tiny_model, **overrides)
+        tokenizer = build_math_tokenizer()
+        _, dual = llm_math.make_loss(cfg, TransformersWrapper(
+            build_math_lm(tokenizer, hidden_size=32), tokenizer=tokenizer, input_mode="tokens",
+            generate=False, return_log_probs=True, pad_output=True))
+        return dual
+
+    assert scheduler().max_value is None
+    capped = scheduler(lambda_max=3.0)
+    assert capped.max_value == 3.0
+    capped.step(1e6)  # far above delta
+    assert capped.multiplier.item() == 3.0
+
+
+def test_a_missing_transformers_names_the_extra(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "transformers" else find_spec(name, *args))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("bare", EXAMPLE))
+    with pytest.raises(SystemExit, match=r"pip install 'torchrl_r2vpo\[llm\]'"):
+        module.__spec__.loader.exec_module(module)
+
+
 def test_settings_that_cannot_train_are_refused_by_name(tmp_path, tiny_model):
     for overrides, message in ((dict(group_size=1), "--group-size must be >= 2"),
                                (dict(rollouts=40), "multiple of --num-prompts x --group-size = 16"),
-                               (dict(eval_every=0), "--eval-every must be >= 1")):
+                               (dict(eval_every=0), "--eval-every must be >= 1"),
+                               (dict(lambda_max=0.5), r"--lambda-max must be 0 \(no cap\) or >= "
+                                                      "--lagrange-multiplier 1.0, got 0.5")):
         with pytest.raises(ValueError, match=message):
             config(tmp_path, tiny_model, **overrides)
     llm_math.main(config(tmp_path, tiny_model, rollouts=16))

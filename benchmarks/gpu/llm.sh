@@ -10,9 +10,10 @@
 # summary.md, curves.png and llm.tgz (every run's curve and log, the warm start's log and
 # the loss-cost JSON).
 #
-#   bash benchmarks/gpu/llm.sh [OUT_DIR]
+#   bash benchmarks/gpu/llm.sh [OUT_DIR] [example arguments, e.g. --lr 2e-5]
 set -uo pipefail
-out=${1:-${OUT:-/tmp}/llm}
+out=${OUT:-/tmp}/llm
+if [[ $# -gt 0 && $1 != --* ]]; then out=$1; shift; fi
 work=/tmp/llm-gpu
 mkdir -p "$out" "$work/runs"
 if ! python3 -c "import torchrl" 2>/dev/null; then
@@ -23,7 +24,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 methods=(r2vpo grpo grpo-reuse)
 run=(--rollouts 16384 --methods "${methods[@]}" --seeds 0 1 2 --out "$work/runs")
 example=(--model "$work/model" --device cuda --difficulty 1,2 --num-prompts 64 --group-size 8
-         --minibatch-size 128 --eval-every 2048 --checkpoint-every 4096 --num-test 1024)
+         --minibatch-size 128 --eval-every 2048 --checkpoint-every 4096 --num-test 1024 "$@")
 {
     timeout 120 python3 -m torchrl_r2vpo.modules.math_lm --out "$work/model" --device cuda \
         --hidden-size 512 --layers 6 --difficulty 1 2 --steps 1500 --batch-size 256 --lr 1e-3 \

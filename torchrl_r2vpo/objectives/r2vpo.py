@@ -192,11 +192,14 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             ``2 * kl_target``. Exclusive with ``ratio_var_target``.
         lagrange_multiplier (float, optional): the initial multiplier ``lambda``.
             A sample's push stops at ``r - rbar = A / (2 * lambda)``. Defaults
-            to ``0.5``: on walker-walk with ``examples/dmc_walker.py`` it held
-            the mean ratio variance at 0.017 (PPO's usual range, a KL near
-            0.01), where ``2.5`` (the SPO-like value matching a 0.2 clip for
-            unit advantages) held it at 0.002 and barely moved the policy;
-            single-seed measurements in ``benchmarks/README.md``.
+            to ``0.5``: in 100k frames of walker-walk with
+            ``examples/dmc_walker.py`` (one seed) it held the mean ratio
+            variance at 0.017 (a KL near 0.01), where ``2.5`` (the SPO-like
+            value matching a 0.2 clip for unit advantages) held it at 0.002 and
+            barely moved the policy. Over 1M frames (3 seeds) ``1.0`` did better
+            on walker-walk and as well on cheetah-run, and ``0.5`` took updates
+            of 3x PPO's KL on walker-walk; ``benchmarks/README.md`` has the
+            measurements.
         variance_center (str, optional): ``"mean"`` (centre on the detached batch
             mean of the ratio) or ``"one"``. Defaults to ``"mean"``.
         diagnostic_clip_epsilon (float, optional): the band ``[1 - eps, 1 + eps]``
