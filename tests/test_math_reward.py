@@ -99,7 +99,6 @@ def test_normalize_answer(raw, expected):
         ("x^2-1", "(x-1)(x+1)"),
         (r"\sqrt{8}", r"2\sqrt{2}"),
         (r"2\pi r", r"r \cdot 2 \times \pi"),
-        ("2^10", "1024"),
         (r"\frac{x}{2}", "0.5x"),
         (r"\frac{1}{x}+\frac1y", r"\frac{x+y}{xy}"),
         (r"\sqrt{2}+\sqrt{3}", r"\sqrt{5+2\sqrt{6}}"),
@@ -116,6 +115,26 @@ def test_answers_match_equivalent(prediction, reference):
 )
 def test_answers_match_different(prediction, reference):
     assert not answers_match(prediction, reference)
+
+
+@pytest.mark.parametrize(("completion", "reference"), [
+    ("#### 17 * 13", "221"), (r"\boxed{36 - 7 * 12}", "-48"), ("<answer>(12 - 7) * 4</answer>", "20"),
+    (r"\boxed{2^{10}}", "1024"), (r"\boxed{\frac{6}{2} + 1}", "4"),
+])
+def test_restating_the_question_does_not_answer_it(completion, reference):
+    # the generated questions are expressions: a model copying one must not be rewarded
+    assert math_reward(completion, reference) == 0.0
+    answer = extract_answer(completion)
+    assert not answers_match(answer, reference)
+    assert answers_match(reference, answer)  # the value is right: the form is refused
+
+
+@pytest.mark.parametrize("minus", ["\u2212", "\u2012", "\u2013"])
+def test_a_unicode_minus_keeps_the_sign(minus):
+    assert math_reward(f"The answer is {minus}5.", "5") == 0.0
+    assert math_reward(f"The answer is {minus}5.", "-5") == 1.0
+    assert math_reward(f"\\boxed{{{minus}5}}", "-5") == 1.0
+    assert answers_match(f"{minus}3/4", "-0.75")
 
 
 def test_division_by_zero_does_not_raise():

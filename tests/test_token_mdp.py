@@ -24,7 +24,12 @@ from torchrl_r2vpo.envs import (
     sequences_from_rollout,
     TokenGenerationEnv,
 )
-from torchrl_r2vpo.modules.math_lm import build_math_lm, build_math_tokenizer, format_prompt
+from torchrl_r2vpo.modules.math_lm import (
+    build_math_lm,
+    build_math_tokenizer,
+    format_prompt,
+    load_math_lm,
+)
 
 MAX_NEW = 6
 
@@ -134,10 +139,19 @@ def test_bad_arguments(tokenizer):
         TokenGenerationEnv(["1+1"], ["2"], tokenizer, num_prompts=1, group_size=0)
 
 
-def test_token_by_token_and_fast_path_agree(tokenizer, model):
-    env = make_env(tokenizer)
+@pytest.fixture(scope="module")
+def shipped():
+    return load_math_lm()[0]  # warm-started: its completions end at different steps
+
+
+def test_token_by_token_and_fast_path_agree(tokenizer, shipped):
+    model = shipped
+    env = make_env(tokenizer, n=48, num_prompts=8, group_size=4)
     torch.manual_seed(1)
     fast = collect_batch(env, TransformersBackend(model, tokenizer, max_new_tokens=MAX_NEW))
+    lengths = fast["masks", "all_assistant_mask"][:, env.max_prompt_length:].sum(-1)
+    # rows that end early, with rewards, are what a misalignment would show on
+    assert len(set(lengths.tolist())) > 1 and fast["next", "reward"].sum() > 0
     # replay the fast path's tokens through the MDP: the actor's log-probs of those tokens
     env.load_state_dict({k: torch.zeros_like(v) for k, v in env.state_dict().items()})
     actor = NextTokenActor(model, env)
@@ -162,6 +176,24 @@ def test_token_by_token_and_fast_path_agree(tokenizer, model):
         if key != ("log_probs", "full"):
             assert (slow[key] == fast[key]).all(), key
     torch.testing.assert_close(slow["log_probs", "full"], fast["log_probs", "full"], atol=1e-5, rtol=0)
+
+
+def test_a_rollout_gives_each_row_the_reward_it_ended_with(tokenizer, shipped):
+    env = make_env(tokenizer, n=48, num_prompts=8, group_size=4)
+    actor = NextTokenActor(shipped, env)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        rollout = env.rollout(MAX_NEW, actor, break_when_any_done=False, break_when_all_done=True)
+    seq = sequences_from_rollout(rollout, env)
+    expected = env.score(seq["tokens", "response"], seq["problem_index"])
+    assert (seq["next", "reward"] == expected).all() and expected.sum() > 0
+    ended = rollout["next", "done"].squeeze(-1).sum(-1)
+    assert ended.max() > 1  # finished rows were stepped again (TorchRL repeats them): not counted
+    with torch.no_grad():  # TorchRL's default stops at the first completion that ends
+        early = env.rollout(MAX_NEW, actor)
+    assert not early["next", "done"][:, -1].all()
+    with pytest.raises(ValueError, match="have not ended at the last step"):
+        sequences_from_rollout(early, env)
 
 
 def test_model_generation_config_does_not_change_what_is_sampled(tokenizer, model):

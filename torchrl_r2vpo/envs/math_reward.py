@@ -51,6 +51,7 @@ _FRAC = re.compile(r"([-+]?)\\frac(?:\{([^{}]+)\}|([0-9]))(?:\{([^{}]+)\}|([0-9]
 _TOKEN = re.compile(r"\s*(?:([0-9]+(?:\.[0-9]+)?)|([A-Za-z]+)|(\*\*|[-+*/()]))")
 _UNITS = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$")
 _UNWRAP = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2012": "-", "\u2013": "-"})  # minus, dashes
 _ASSIGN = re.compile(r"^\\?[A-Za-z]+(?:_\{?\w+\}?)?\s*=(?!=)\s*(?=\S)")
 
 
@@ -60,6 +61,7 @@ def extract_answer(text: str) -> str | None:
     Priority: the last closed ``\\boxed{}``/``\\fbox{}`` (nested braces allowed; an
     unclosed one does not count), the last ``#### answer`` line, the last
     ``<answer>...</answer>`` tag, then the last number (``-3``, ``2.5``, ``1,234``, ``3/4``).
+    The Unicode minus sign and figure and en dashes are read as ``-``.
 
     Examples:
         >>> extract_answer(r"so \\boxed{1} or rather \\boxed{\\frac{1}{2}}")
@@ -73,6 +75,7 @@ def extract_answer(text: str) -> str | None:
         >>> extract_answer("no idea") is None
         True
     """
+    text = text.translate(_MINUS_SIGNS)
     for finder in (_last_boxed, _last_hash_line, _last_answer_tag, _last_number):
         answer = finder(text)
         if answer:
@@ -116,7 +119,8 @@ def normalize_answer(answer: str) -> str:
     Removes ``$``, ``\\left``/``\\right``, thin spaces (``\\!``, ``\\,``, ``\\;``),
     trailing ``\\text{...}`` units (other ``\\text{}`` are unwrapped), degree signs,
     thousands separators, a leading ``x =`` and a trailing period, maps
-    ``\\dfrac``/``\\tfrac`` to ``\\frac`` and drops spaces not between letters.
+    ``\\dfrac``/``\\tfrac`` to ``\\frac`` and Unicode minus signs and dashes to ``-``, and
+    drops spaces not between letters.
     The percent sign is dropped (``50\\%`` matches ``50``, not ``0.5``): references
     in GSM8K and MATH state percentages without it.
 
@@ -128,7 +132,7 @@ def normalize_answer(answer: str) -> str:
         >>> normalize_answer(r"45^\\circ"), normalize_answer(r"50\\%"), normalize_answer("2 x + 1")
         ('45', '50', '2x+1')
     """
-    s = answer.strip().replace("\\$", "").replace("$", "")
+    s = answer.translate(_MINUS_SIGNS).strip().replace("\\$", "").replace("$", "")
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])|\\[!,;: ]|\\displaystyle", "", s)
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree|\\%|%", "", s)
@@ -142,6 +146,9 @@ def normalize_answer(answer: str) -> str:
 def answers_match(prediction: str, reference: str, *, timeout: float = 1.0) -> bool:
     """True when two answers are equal as strings, numbers or sympy expressions.
 
+    A numeric reference (``221``, ``-3/4``, ``\\frac{3}{4}``, ``0.5``) is matched only by
+    a number of the same value: an expression that evaluates to it (``17 * 13``, the
+    question restated) is not an answer. Other references are compared symbolically.
     Never raises; the symbolic stage is skipped outside the main thread (see module
     docstring) and gives up after ``timeout`` seconds.
 
@@ -150,6 +157,8 @@ def answers_match(prediction: str, reference: str, *, timeout: float = 1.0) -> b
         (True, True)
         >>> answers_match("x^2-1", "(x-1)(x+1)"), answers_match("2", "3")
         (True, False)
+        >>> answers_match("17 * 13", "221"), answers_match("221", "221.0")
+        (False, True)
         >>> answers_match("__import__('os').system('ls')", "0")
         False
     """
@@ -160,8 +169,8 @@ def answers_match(prediction: str, reference: str, *, timeout: float = 1.0) -> b
         if pred == ref:
             return True
         pred_num, ref_num = _to_fraction(pred), _to_fraction(ref)
-        if pred_num is not None and ref_num is not None:
-            return pred_num == ref_num
+        if ref_num is not None:  # a number is answered by a number, not by an expression
+            return pred_num == ref_num  # to evaluate (e.g. the question restated: 17 * 13)
         if max(len(pred), len(ref)) > _MAX_SYMBOLIC_LEN:
             return False
         return bool(_run_with_timeout(lambda: _symbolic_equal(pred, ref), timeout))

@@ -269,10 +269,24 @@ def sequences_from_rollout(rollout: TensorDictBase, env: TokenGenerationEnv) -> 
 
     The layout is the one TorchRL's LLM losses read (``("tokens", "full")``,
     ``("masks", "all_attention_mask")``, ``("log_probs", "full")``, ...); see
-    :func:`torchrl_r2vpo.collectors.llm_rollout.sequence_batch`.
+    :func:`torchrl_r2vpo.collectors.llm_rollout.sequence_batch`. Each row's reward is
+    the one of the step that ended it (``env.rollout(..., break_when_all_done=True)``
+    repeats a finished row's last transition, reward included, until all are done).
+
+    Raises:
+        ValueError: a completion has not ended at the last step (TorchRL's default
+            ``break_when_any_done=True`` stops at the first one that ends).
     """
     from torchrl_r2vpo.collectors.llm_rollout import sequence_batch
 
+    done = rollout["next", "done"].reshape(rollout.shape)
+    if not done[:, -1].all():
+        raise ValueError(
+            f"{int((~done[:, -1]).sum())} of {len(done)} completions have not ended at the last "
+            "step of the rollout: roll out with break_when_any_done=False and "
+            "break_when_all_done=True, for up to env.max_new_tokens steps.")
+    ended_at = done.long().argmax(1)  # the first done step of each row
+    reward = rollout["next", "reward"][torch.arange(len(done)), ended_at]
     last = rollout[:, -1]["next"]
     width = env.max_prompt_length
     response = last["tokens"][:, width:]
@@ -283,5 +297,5 @@ def sequences_from_rollout(rollout: TensorDictBase, env: TokenGenerationEnv) -> 
     return sequence_batch(
         prompt=last["tokens"][:, :width], prompt_mask=last["attention_mask"][:, :width],
         response=response, response_mask=response_mask,
-        response_log_probs=log_probs * response_mask, reward=last["reward"],
+        response_log_probs=log_probs * response_mask, reward=reward,
         group=last["group"].squeeze(-1), problem_index=last["problem_index"].squeeze(-1))
