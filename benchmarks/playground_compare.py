@@ -126,7 +126,7 @@ def report(results: dict, out: Path) -> str:
              "over batches after the first, evaluation excluded.", "",
              "| task | build + compile (s) | random actions (env-steps/s) | loss | seed | frames "
              "| eval return | training loop (env-steps/s) | GAE + updates (share of a batch) "
-             "| loop / Brax PPO |",
+             "| loop / Brax PPO (H100) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     equal = ["", "Returns at equal steps (the smaller of the two runs' frames; training "
              "return of the stochastic policy, then the deterministic evaluation if both runs "
