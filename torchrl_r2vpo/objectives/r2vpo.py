@@ -97,9 +97,9 @@ class _LagrangianMixin:
         self._lagrange_multiplier_init = float(lagrange_multiplier)
 
     def _apply(self, fn, *args, **kwargs):
-        # lambda and delta stay in float32 (or wider) when the module goes to half
-        # precision: a dual step of 1e-3 vanishes against lambda = 1 in bfloat16
-        kept = {name: self._buffers[name] for name in _DUAL_BUFFERS}
+        # lambda, delta and the recorded statistics keep float32 (or wider) when the module
+        # goes to half precision: a dual step of 1e-3 vanishes against lambda = 1 in bfloat16
+        kept = {name: self._buffers[name] for name in _DUAL_BUFFERS if name in self._buffers}
         module = super()._apply(fn, *args, **kwargs)
         for name, before in kept.items():
             after = self._buffers[name]
