@@ -86,6 +86,7 @@ class Config:
     dual_lr: float = 10.0
     lambda_max: float = 0.0  # cap of the adaptive lambda (0: none)
     kl_to_ref: float = 0.0  # k3 KL to the initial model, as GRPOLoss's kl_to_ref_coeff
+    entropy_coeff: float = 0.01  # GRPOLoss's entropy bonus (0: none, as the published losses)
     eval_every: int = 1024  # rollouts between held-out evaluations
     checkpoint_every: int = 1024
     logger: str = "csv"  # csv | tensorboard | wandb
@@ -98,6 +99,8 @@ class Config:
                      "checkpoint_every", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.entropy_coeff < 0:
+            raise ValueError(f"--entropy-coeff must be >= 0, got {self.entropy_coeff}.")
         if self.lambda_max < 0 or 0 < self.lambda_max < self.lagrange_multiplier:
             raise ValueError(f"--lambda-max must be 0 (no cap) or >= --lagrange-multiplier "
                              f"{self.lagrange_multiplier}, got {self.lambda_max}.")
@@ -124,6 +127,8 @@ HELP = {"model": "hub id or local path of a causal LM (default: the tiny model s
         "reuse": "also train on the K previous batches (stale data, tagged by policy version)",
         "dual": "adaptive: lambda follows dual ascent on Var(r) - delta; fixed: constant lambda",
         "kl_to_ref": "coefficient of the k3 KL to the initial model (0: none)",
+        "entropy_coeff": "entropy bonus, as TorchRL's GRPOLoss (0: none, as the published "
+                         "objectives of every --loss)",
         "lambda_max": "upper bound of the adaptive lambda (0: none); stale batches can hold "
                       "Var(r) above delta, and lambda then grows without one",
         "resume": "continue from --out/checkpoint.pt",
@@ -146,7 +151,8 @@ def parse_args(argv=None) -> Config:
 
 
 def make_loss(cfg: Config, scorer):
-    kwargs = dict(kl_to_ref_coeff=cfg.kl_to_ref or None)
+    kwargs = dict(kl_to_ref_coeff=cfg.kl_to_ref or None, entropy_bonus=cfg.entropy_coeff > 0,
+                  entropy_coeff=cfg.entropy_coeff)
     if cfg.loss == "r2vpo":
         kwargs.update(lagrange_multiplier=cfg.lagrange_multiplier, ratio_var_target=cfg.ratio_var_target)
     loss = make_llm_loss(cfg.loss, scorer, **kwargs)

@@ -109,7 +109,7 @@ def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
     assert result["rollouts"] == 32
 
 
-def test_lambda_max_bounds_the_adaptive_dual(tmp_path, tiny_model):
+def test_lambda_max_and_entropy_coeff_reach_the_loss(tmp_path, tiny_model):
 
     def scheduler(**overrides):
         cfg = config(tmp_path, tiny_model, **overrides)
@@ -120,6 +120,9 @@ def test_lambda_max_bounds_the_adaptive_dual(tmp_path, tiny_model):
         return dual
 
     assert scheduler().max_value is None
+    loss, _ = llm_math.make_loss(config(tmp_path, tiny_model, loss="grpo", entropy_coeff=0.0), None)
+    assert not loss.entropy_bonus
+    assert llm_math.make_loss(config(tmp_path, tiny_model, loss="grpo"), None)[0].entropy_coeff == 0.01
     capped = scheduler(lambda_max=3.0)
     assert capped.max_value == 3.0
     capped.step(1e6)  # far above delta

@@ -510,8 +510,8 @@ class TestBaselines:
         torch.testing.assert_close(scaled[[1, 4]], torch.tensor([0.4, -0.3]))
 
     def test_gppo_asymmetric_band(self):
-        _, grad, _ = per_token(GPPOLLMLoss(clip_epsilon=(0.2, 0.28)), [1.5], [1.0])
-        torch.testing.assert_close(grad, torch.tensor([-1.28]))
+        _, grad, _ = per_token(GPPOLLMLoss(clip_epsilon=(0.1, 0.28)), [1.5, 0.5], [1.0, -1.0])
+        torch.testing.assert_close(grad, torch.tensor([-1.28, 0.9]))  # (1 + eps_high), (1 - eps_low)
 
     def test_topr_positive_unweighted_negative_truncated(self):
         value, grad, frac = per_token(TOPRLLMLoss(), RATIOS, ADVANTAGES)
@@ -543,6 +543,16 @@ class TestBaselines:
         tr_value, tr_grad, _ = per_token(CISPOLoss(clip_epsilon=0.2), RATIOS, ADVANTAGES)
         torch.testing.assert_close(tr_value, value)
         assert (tr_grad[[0, 1, 4, 5]] == 0).all()
+
+    def test_cispo_default_bounds_the_weight_from_above_only(self):
+        # MiniMax-M1 tunes only the upper bound; the default is ScaleRL's clip(r, 0, 5)
+        value, grad, frac = per_token(CISPOLLMLoss(), [0.05, 0.5, 4.0, 7.0], [1.0, -1.0, 1.0, -1.0])
+        weight = torch.tensor([0.05, 0.5, 4.0, 5.0])
+        torch.testing.assert_close(value, -weight * torch.tensor([1.0, -1.0, 1.0, -1.0]))
+        torch.testing.assert_close(grad, value)
+        torch.testing.assert_close(frac, torch.tensor(1 / 4))
+        with pytest.raises(ValueError, match=r"clip_epsilon low must be in \[0, 1\]"):
+            CISPOLLMLoss(clip_epsilon=(1.5, 4.0))
 
     def test_spo_rejects_two_epsilons(self):
         with pytest.raises(ValueError, match="single epsilon"):
@@ -627,7 +637,9 @@ class TestBaselines:
 
 class TestAPI:
     def test_registry(self):
-        assert set(LLM_LOSSES) == {"r2vpo", "grpo", "grpo-ch", "gppo", "topr", "spo", "cispo"}
+        assert {name: type(make_llm_loss(name)) for name in LLM_LOSSES} == {
+            "r2vpo": R2VPOLLMLoss, "grpo": GRPOLLMLoss, "grpo-ch": DAPOLLMLoss, "gppo": GPPOLLMLoss,
+            "topr": TOPRLLMLoss, "spo": SPOLLMLoss, "cispo": CISPOLLMLoss}
         assert isinstance(make_llm_loss("GRPO_CH"), DAPOLLMLoss)
         assert isinstance(make_llm_loss("r2vpo", lagrange_multiplier=2.0), R2VPOLLMLoss)
         with pytest.raises(ValueError, match="Valid names: 'r2vpo', 'grpo', 'grpo-ch'"):

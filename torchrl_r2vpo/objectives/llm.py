@@ -855,7 +855,12 @@ class GRPOLLMLoss(_AccumulationMixin, GRPOLoss):
         loss_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A)
 
     The gradient is zero when ``r > 1 + eps_high`` with ``A > 0`` or
-    ``r < 1 - eps_low`` with ``A < 0``. Defaults to ``clip_epsilon=0.2``.
+    ``r < 1 - eps_low`` with ``A < 0``. Defaults to ``clip_epsilon=0.2`` and,
+    as TorchRL's GRPOLoss and verl, ``aggregation="token_mean"`` (a mean over all
+    the batch's tokens, as DAPO); ``aggregation="prompt_mean"`` is the paper's
+    mean over each completion's tokens, then over completions. Like every loss
+    here it keeps GRPOLoss's entropy bonus (``entropy_coeff=0.01``) unless
+    ``entropy_bonus=False``; the published objectives have none.
 
     Reference: DeepSeekMath, Shao et al. 2024, https://arxiv.org/abs/2402.03300
 
@@ -906,14 +911,38 @@ class CISPOLLMLoss(_AccumulationMixin, CISPOLoss):
     and the gradient ``-clip(r) A grad log pi`` for *every* token. TorchRL
     0.14.1's ``CISPOLoss`` omits the stop-gradient, so its gradient is zero
     wherever the ratio is clipped, the opposite of CISPO's intent; this class
-    restores the paper's gradient. The paper tunes only the upper bound (pass
-    e.g. ``clip_epsilon=(1.0, 4.0)`` for ScaleRL's ``clip(r, 0, 5)``);
-    defaults to GRPOLoss's ``0.2``.
+    restores the paper's gradient. The paper bounds the weight from above only:
+    ``clip_epsilon`` defaults to ``(1.0, 4.0)``, ScaleRL's ``clip(r, 0, 5)``
+    (``eps_low = 1`` means no lower bound, a value GRPOLoss itself refuses).
 
     Reference: MiniMax-M1, 2025, https://arxiv.org/abs/2506.13585
+
+    Keyword Args:
+        clip_epsilon (float or tuple of floats, optional): ``eps`` or
+            ``(eps_low, eps_high)``, with ``0 <= eps_low <= 1``. Defaults to
+            ``(1.0, 4.0)``.
+        **kwargs: every other :class:`~torchrl.objectives.llm.GRPOLoss`
+            keyword argument.
+
+    Examples:
+        >>> import torch
+        >>> from torchrl_r2vpo.objectives.llm import CISPOLLMLoss
+        >>> ratio = torch.tensor([0.3, 1.0, 7.0]).reshape(3, 1, 1)
+        >>> value, _ = CISPOLLMLoss()._compute_policy_objective(ratio.log(), torch.ones(3, 1, 1))
+        >>> [round(v, 4) for v in value.view(-1).tolist()]  # -min(r, 5) * A: no lower bound
+        [-0.3, -1.0, -5.0]
     """
 
     output_type: type[LLMLossOutput] = CISPOLossOutput
+
+    def __init__(self, actor_network=None, *,
+                 clip_epsilon: float | tuple[float, float] = (1.0, 4.0), **kwargs):
+        low, high = clip_epsilon if isinstance(clip_epsilon, (tuple, list)) else (clip_epsilon,) * 2
+        if not 0 <= float(low) <= 1:
+            raise ValueError(f"clip_epsilon low must be in [0, 1] (1: no lower bound), got {low}.")
+        # GRPOLoss validates eps_low < 1; no lower bound is set on its buffer afterwards
+        super().__init__(actor_network, clip_epsilon=(min(float(low), 0.5), high), **kwargs)
+        self.clip_epsilon_low.fill_(float(low))
 
     def _compute_policy_objective(
         self, log_weight: torch.Tensor, advantage: torch.Tensor
@@ -940,6 +969,8 @@ class GPPOLLMLoss(_AccumulationMixin, GRPOLoss):
 
     ``beta_low = beta_high = 1`` (the default) is Klear-Reasoner's GPPO; other
     values are CE-GPPO's scaled variant (which then also scales the value).
+    There is no dual clip (CE-GPPO's code adds one): for ``A < 0`` and a large
+    ``r`` the gradient ``-r A`` is unbounded, as in Klear-Reasoner's equation.
 
     Reference: Klear-Reasoner, Su et al. 2025, https://arxiv.org/abs/2508.07629
 
