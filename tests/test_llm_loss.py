@@ -122,6 +122,18 @@ def make_batch(actor, n=6, staleness=0.3, seed=0):
     return data
 
 
+def pad_response(data, width):
+    """``data`` with ``width`` more padding columns after every response."""
+    pads = {("tokens", "response"): PAD, ("tokens", "full"): PAD, ("masks", "all_attention_mask"): False,
+            ("masks", "all_assistant_mask"): False, ("log_probs", "full"): 0.0,
+            ("next", "ref_log_probs", "full"): 0.0}
+    padded = data.clone()
+    for key, value in pads.items():
+        if key in data.keys(True, True):
+            padded[key] = torch.nn.functional.pad(data[key], (0, width), value=value)
+    return padded
+
+
 def ratio_and_mask(data, actor):
     """The current/behaviour ratio over [N, L] and the response mask, recomputed here."""
     mask = data["masks", "all_assistant_mask"]
@@ -322,13 +334,24 @@ class TestR2VPOLLM:
         assert out.loss_ratio_var.shape == (*mask.shape, 1)
         assert (out.loss_ratio_var.squeeze(-1)[~mask] == 0).all()
 
-    def test_kl_to_ref(self, actor):
+    @pytest.mark.parametrize("name", list(LLM_LOSSES))
+    def test_kl_to_ref_is_a_mean_over_the_valid_tokens_whatever_the_padding(self, actor, name):
         data = make_batch(actor)
         mask = data["masks", "all_assistant_mask"]
         data["next", "ref_log_probs", "full"] = torch.where(mask, data["log_probs", "full"] - 0.1, 0.0)
-        out = R2VPOLLMLoss(actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf")(data)
-        assert out.kl_to_ref > 0
-        torch.testing.assert_close(out.loss_kl_to_ref, 0.5 * out.kl_to_ref)
+        with torch.no_grad():
+            current = current_log_probs(actor, data)
+        diff = (data["next", "ref_log_probs", "full"] - current)[mask]
+        expected = (diff.expm1() - diff).mean()  # GRPO's k3, token mean
+        out = make_llm_loss(name, actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf")(data)
+        torch.testing.assert_close(out.kl_to_ref, expected)
+        torch.testing.assert_close(out.loss_kl_to_ref, 0.5 * expected)
+        # four more padding columns: the same terms (GRPOLoss's shrink with the padding)
+        padded = pad_response(data, 4)
+        again = make_llm_loss(name, actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf")(padded)
+        torch.testing.assert_close(again.loss_kl_to_ref, out.loss_kl_to_ref)
+        grpo = GRPOLoss(actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf")
+        assert grpo(padded).kl_to_ref < 0.95 * grpo(data).kl_to_ref
 
     def test_non_finite_raises(self, actor):
         data = make_batch(actor)
@@ -437,9 +460,6 @@ class TestAccumulation:
                 pass
         with pytest.raises(ValueError, match="num_sequences"):
             with R2VPOLLMLoss(actor, aggregation="prompt_mean").accumulation(num_tokens=3):
-                pass
-        with pytest.raises(ValueError, match="num_sequences"):
-            with R2VPOLLMLoss(actor, kl_to_ref_coeff=0.1).accumulation(num_tokens=3):
                 pass
         with pytest.raises(ValueError, match="kl_mask_threshold"):
             with R2VPOLLMLoss(actor, kl_mask_threshold=0.1).accumulation(num_tokens=3):

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict, TensorDictBase
-from tensordict.utils import expand_as_right
+from tensordict.utils import expand_as_right, NestedKey
 from torchrl.modules.distributions.utils import is_dynamo_compiling
 from torchrl.objectives.llm import CISPOLoss, DAPO, GRPOLoss, LLMLossOutput
 from torchrl.objectives.llm.grpo import CISPOLossOutput, DAPOLossOutput, GRPOLossOutput
@@ -96,8 +96,11 @@ class _AccumulationMixin:
       before the per-token objective, so a non-finite value there cannot reach
       the gradient as ``0 * inf``;
     * a sequence dropped by the collector mask is left out of
-      ``aggregation="prompt_mean"``'s mean over sequences and of the KL terms'
-      mean, as if it were not in the batch;
+      ``aggregation="prompt_mean"``'s mean over sequences, as if it were not in
+      the batch;
+    * the KL terms (``kl_to_ref_coeff``, ``kl_to_inference_coeff``) are
+      aggregated over the valid tokens as the objective is, not averaged over
+      every padded position as GRPOLoss does;
     * unknown keyword arguments raise a ``TypeError`` instead of being ignored.
     """
 
@@ -139,7 +142,6 @@ class _AccumulationMixin:
 
             token_mean:   sum over the micro-batch's valid tokens / num_tokens
             prompt_mean:  sum over its sequences of their token means / num_sequences
-            KL terms:     GRPOLoss's value * micro-batch size / num_sequences
 
         so that ``sum_k loss(micro_batch_k)`` equals ``loss(batch)``, values and
         gradients, up to floating-point error. ``aggregation="none"`` is
@@ -167,11 +169,9 @@ class _AccumulationMixin:
           gradient differs from the full-batch one by ``2 lambda (m_k - m) / N``
           per token of micro-batch ``k``. ``variance_center="one"`` needs no
           centre and is exact.
-        * The micro-batches are slices of one padded batch (same prompt and
-          response widths), each scored with the same parameters; the KL terms
-          are exact only then, because GRPOLoss averages them over all padded
-          positions. ``kl_mask_threshold`` is incompatible: its mask depends on
-          the current policy.
+        * Each micro-batch is scored with the same parameters.
+          ``kl_mask_threshold`` is incompatible: its mask depends on the current
+          policy.
 
         Args:
             num_tokens (int or Tensor, optional): the full batch's valid-token
@@ -181,7 +181,7 @@ class _AccumulationMixin:
         Keyword Args:
             num_sequences (int or Tensor, optional): the full batch's number of
                 sequences the collector mask keeps. Required for
-                ``aggregation="prompt_mean"`` and for the KL terms.
+                ``aggregation="prompt_mean"``.
             ratio_mean (float or Tensor, optional): the full batch's masked mean
                 ratio, the variance centre for :class:`R2VPOLLMLoss`.
 
@@ -201,13 +201,6 @@ class _AccumulationMixin:
                     "accumulation() with aggregation='prompt_mean' needs num_sequences, "
                     "the full batch's sequence count (see count_sequences())."
                 )
-        has_kl = bool(self.kl_to_ref_coeff) or self.kl_to_inference_coeff is not None
-        if has_kl and num_sequences is None:
-            raise ValueError(
-                "accumulation() with a KL term (kl_to_ref_coeff or "
-                "kl_to_inference_coeff) needs num_sequences, the full batch's sequence "
-                "count (see count_sequences())."
-            )
         if self.kl_mask_threshold is not None and self.kl_mask_threshold > 0:
             raise ValueError(
                 "accumulation() is not exact with kl_mask_threshold: the KL mask "
@@ -361,15 +354,42 @@ class _AccumulationMixin:
             num_sequences = acc.num_sequences
         return (value.sum(dim=-2) / token_count).sum(dim=0) / num_sequences
 
-    def _kl_to_ref(self, tensordict: TensorDictBase, *args, mask=None, **kwargs):
-        """GRPOLoss's KL term (a mean over every padded position), with the positions
-        of sequences the collector mask drops left out of the mean."""
-        loss, kl = super()._kl_to_ref(tensordict, *args, mask=mask, **kwargs)
-        size = tensordict.shape[0]
-        kept = size if mask is None else self._kept_sequences(tensordict, mask).sum().clamp_min(1)
-        acc = self._accumulation
-        loss = loss * (size / (kept if acc is None else acc.num_sequences))
-        return loss, kl * (size / kept)
+    def _kl_to_ref(
+        self,
+        tensordict: TensorDictBase,
+        key: NestedKey = ("next", "ref_log_probs"),
+        ref_log_prob: torch.Tensor | None = None,
+        coeff: float | None = None,
+        mask: torch.Tensor | None = None,
+        dist=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GRPOLoss's k3 estimate of the KL to the reference (or inference) policy, per
+        valid token, aggregated as the objective is (GRPO's mean over each completion's
+        tokens with ``prompt_mean``), with its mean over the valid tokens as diagnostic.
+
+        GRPOLoss averages it over every padded position instead, so that its weight
+        shrinks as the batch's padding grows.
+        """
+        if coeff is None:
+            coeff = self.kl_to_ref_coeff
+        cur_log_prob = tensordict.get("_cur_log_prob")
+        if ref_log_prob is None:
+            ref_log_prob = tensordict.get(
+                key, as_padded_tensor=True, padding_side=self.ref_log_prob_padding_side,
+                padding_value=self.ref_log_prob_padding_value)
+            if ref_log_prob is None:
+                raise KeyError(f"The reference log-probability {key} is missing.")
+            if ref_log_prob.ndim == cur_log_prob.ndim + 1:
+                ref_log_prob = ref_log_prob.squeeze(-1)
+        if ref_log_prob.shape != cur_log_prob.shape:
+            raise ValueError(f"The reference log-probability {key} has shape "
+                             f"{tuple(ref_log_prob.shape)}, the current one {tuple(cur_log_prob.shape)}.")
+        if mask is None:
+            mask = torch.ones_like(cur_log_prob, dtype=torch.bool)
+        diff = torch.where(expand_as_right(mask, cur_log_prob), ref_log_prob - cur_log_prob, 0.0)
+        k3 = (diff.expm1() - diff).unsqueeze(-1)
+        kl = self._token_mean(k3.detach(), mask, tensordict)
+        return coeff * self._aggregate_loss_value(k3, mask, tensordict), kl
 
 
 # --------------------------------------------------------------------------- R2VPO
@@ -435,9 +455,9 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
     variable). ``forward`` is pure apart from the ``last_ratio_var`` and
     ``last_ratio_sums`` records.
 
-    An optional KL penalty to a reference model uses GRPOLoss's own
+    An optional KL penalty to a reference model uses GRPOLoss's
     ``kl_to_ref_coeff`` (k3 estimator, reference log-probs under
-    ``("next", "ref_log_probs", "full")``).
+    ``("next", "ref_log_probs", "full")``), aggregated over the valid tokens.
 
     Reference: "Ratio-Variance Regularized Policy Optimization", Luo et al.,
     ICML 2026, https://arxiv.org/abs/2605.26784 (LLM companion:
