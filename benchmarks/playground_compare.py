@@ -300,6 +300,10 @@ def benchmark(args, extra: list[str], device: torch.device, results: dict, runs_
                 torch._dynamo.reset()  # under --compile: no graphs or guards of earlier runs
                 try:
                     outcome = dmc_walker.main(cfg, env=env)
+                except KeyboardInterrupt:  # a signal outside the run's training loop
+                    entry["runs"].append({"loss": loss, "seed": seed, "interrupted": True,
+                                          "compiled": cfg.compile, **run_summary(run_dir)})
+                    raise
                 except Exception as err:  # the other runs still run
                     traceback.print_exc()
                     error = f"{type(err).__name__}: {err}"

@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "update_step")
     args = parser.parse_args()
+    if min(args.steps, args.repeats) < 1 or args.warmup < 0:
+        parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     configs = [(loss, mb, mode) for loss in args.losses for mb in args.minibatch_sizes
@@ -129,9 +131,11 @@ def write_results(args, name: str, times: dict) -> str:
             lines.append(f"| {loss} | {mb} | {eager * 1e3:.2f} | {compiled * 1e3:.2f} | "
                          f"{eager / compiled:.2f}x |")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
     report = "\n".join(lines)
-    (args.out / "summary.md").write_text(report + "\n")
+    for name, text in (("results.json", json.dumps(results, indent=2)), ("summary.md", report + "\n")):
+        tmp = args.out / f"{name}.tmp"  # a run stopped while writing keeps the last whole file
+        tmp.write_text(text)
+        tmp.replace(args.out / name)
     return report
 
 if __name__ == "__main__":

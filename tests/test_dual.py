@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import math
+import types
+import weakref
 
 import pytest
 import torch
@@ -212,6 +214,14 @@ class _nothing:
         return False
 
 
+class _FakeTrainer:
+    """What DualVariableSchedulerHook reads of a Trainer and its stepper."""
+
+    def __init__(self, **stepper):
+        self._optim_count = 0
+        self.optimization_stepper = types.SimpleNamespace(**stepper)
+
+
 class _AccumulatingStepper(MixedPrecisionOptimizationStepper):
     """GRPOTrainer's default stepper, without the ``grad_norm`` it reports only on the
     micro-batches that step the optimiser (TorchRL's per-batch averaging needs every key)."""
@@ -303,6 +313,33 @@ class TestTrainerHook:
         pooled = ratio_sq_sum / count - (ratio_sum / count) ** 2
         assert scheduler.last_statistic == pytest.approx(pooled.item(), rel=1e-6)
         assert scheduler.last_statistic != pytest.approx(loss.last_ratio_var.item(), rel=1e-3)
+
+    def test_a_window_the_stepper_drops_leaves_the_pooled_statistic(self):
+        # MixedPrecisionOptimizationStepper with 2 micro-batches per step: the first has a
+        # non-finite loss, so the stepper drops it and restarts its window
+        loss = make_loss()
+        scheduler = DualVariableScheduler(loss, lr=1.0)
+        hook = DualVariableSchedulerHook(scheduler, interval="optim")
+        trainer = _FakeTrainer(optimizer_step_count=0, _micro_step=0, gradient_accumulation_steps=2)
+        hook._trainer_ref = weakref.ref(trainer)  # what register() sets
+        for micro_step, count, sums in ((0, 0, [8.0, math.inf, math.inf]), (1, 0, [8.0, 8.4, 9.0]),
+                                        (2, 1, [8.0, 7.6, 7.4])):
+            stepper = trainer.optimization_stepper
+            stepper._micro_step, stepper.optimizer_step_count = micro_step, count
+            loss.last_ratio_sums.copy_(torch.tensor(sums, dtype=torch.float64))
+            hook()
+        assert scheduler.num_steps == 1 and scheduler.num_skipped == 0
+        n, s1, s2 = 16.0, 8.4 + 7.6, 9.0 + 7.4
+        assert scheduler.last_statistic == pytest.approx(s2 / n - (s1 / n) ** 2)
+
+    def test_a_scheduler_of_another_statistic_is_stepped_on_it(self):
+        loss = make_loss()
+        loss.my_statistic = torch.tensor(0.5)
+        scheduler = DualVariableScheduler(loss, lr=1.0, last_statistic_name="my_statistic")
+        hook = DualVariableSchedulerHook(scheduler, interval="optim")
+        loss.last_ratio_sums.copy_(torch.tensor([4.0, 4.0, 4.0], dtype=torch.float64))  # variance 0
+        hook()
+        assert scheduler.last_statistic == 0.5
 
     @pytest.mark.timeout(120)
     def test_trainer_checkpoint_restores_lambda_and_scheduler(self, tmp_path):

@@ -390,6 +390,7 @@ class TestAccumulation:
             ("r2vpo", dict(aggregation="token_mean")),
             ("r2vpo", dict(aggregation="prompt_mean")),
             ("r2vpo", dict(aggregation="token_mean", kl_to_ref_coeff=0.3)),
+            ("grpo", dict(aggregation="prompt_mean", kl_to_ref_coeff=0.3)),
             ("r2vpo", dict(aggregation="token_mean", variance_center="one")),
             ("grpo", dict(aggregation="token_mean")),
             ("gppo", dict(aggregation="prompt_mean")),
@@ -423,6 +424,19 @@ class TestAccumulation:
         for part in SPLITS:
             (total(loss(data[part])) / len(SPLITS)).backward()
         assert not all(torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(grads(actor), g_full))
+
+    def test_prompt_mean_with_a_kl_term_needs_only_num_sequences(self, actor):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        data["next", "ref_log_probs", "full"] = torch.where(mask, data["log_probs", "full"] - 0.2, 0.0)
+        loss = make_llm_loss("grpo", actor, masking_strategy="rlhf", aggregation="prompt_mean",
+                             kl_to_ref_coeff=0.3)
+        full = loss(data).loss_kl_to_ref
+        parts = []
+        for part in SPLITS:
+            with loss.accumulation(num_sequences=loss.count_sequences(data)):
+                parts.append(loss(data[part]).loss_kl_to_ref)
+        torch.testing.assert_close(sum(parts), full)
 
     def test_centre_matters(self, actor):
         data = make_batch(actor)

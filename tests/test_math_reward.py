@@ -129,6 +129,14 @@ def test_restating_the_question_does_not_answer_it(completion, reference):
     assert answers_match(reference, answer)  # the value is right: the form is refused
 
 
+@pytest.mark.parametrize("prediction, reference", [
+    ("(-3)", "-3"), ("{-3}", "-3"), ("(3)", "3"), ("-(3)", "-3"), (r"\left(-3\right)", "-3"),
+    ("-(-3)", "3"), ("((4))", "4"), ("(1/2)", "0.5"),
+])
+def test_a_number_in_brackets_is_a_number(prediction, reference):
+    assert answers_match(prediction, reference) and answers_match(reference, prediction)
+
+
 @pytest.mark.parametrize("minus", ["\u2212", "\u2012", "\u2013"])
 def test_a_unicode_minus_keeps_the_sign(minus):
     assert math_reward(f"The answer is {minus}5.", "5") == 0.0

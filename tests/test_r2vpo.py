@@ -184,6 +184,9 @@ class TestIdentities:
         ours = R2VPOLoss(actor, critic)(data)["explained_variance"]
         torch.testing.assert_close(ours, PPOLoss(actor, critic)(data)["explained_variance"].squeeze())
         assert ours.shape == ()
+        # with separate_losses the critic runs on a copy of the input: the same value
+        separate = R2VPOLoss(actor, critic, separate_losses=True)(data.exclude("state_value"))
+        torch.testing.assert_close(separate["explained_variance"], ours)
         data = make_data(actor, batch=(4, 16))
         out = R2VPOLoss(actor, critic)(data)["explained_variance"]
         with torch.no_grad():

@@ -51,6 +51,8 @@ _FRAC = re.compile(r"([-+]?)\\frac(?:\{([^{}]+)\}|([0-9]))(?:\{([^{}]+)\}|([0-9]
 _TOKEN = re.compile(r"\s*(?:([0-9]+(?:\.[0-9]+)?)|([A-Za-z]+)|(\*\*|[-+*/()]))")
 _UNITS = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$")
 _UNWRAP = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
+_MAX_BRACKETS = 4  # levels of brackets around a number that are peeled
+_WRAPPED = re.compile(r"([-+]?)(?:\((.*)\)|\{(.*)\})")
 _MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2012": "-", "\u2013": "-"})  # minus, dashes
 _ASSIGN = re.compile(r"^\\?[A-Za-z]+(?:_\{?\w+\}?)?\s*=(?!=)\s*(?=\S)")
 
@@ -199,8 +201,17 @@ def math_reward(
 
 
 def _to_fraction(s: str) -> Fraction | None:
-    """Exact value of a plain number, ``a/b`` or ``\\frac{a}{b}``; None otherwise."""
+    """Exact value of a plain number, ``a/b`` or ``\\frac{a}{b}``, possibly signed and in
+    up to 4 levels of parentheses or braces (``-(3)``, ``{-3}``); None otherwise."""
     try:
+        for _ in range(_MAX_BRACKETS):  # peel brackets, keeping an outer sign
+            wrapped = _WRAPPED.fullmatch(s)
+            if wrapped is None:
+                break
+            inner = wrapped[2] if wrapped[2] is not None else wrapped[3]
+            if wrapped[1] == "-":
+                inner = inner[1:] if inner.startswith("-") else "-" + inner.removeprefix("+")
+            s = inner
         if _PLAIN.fullmatch(s):
             return Fraction(s)
         match = _FRAC.fullmatch(s)

@@ -120,7 +120,7 @@ class TokenGenerationEnv(EnvBase):
         self.tokenizer, self.reward_fn = tokenizer, reward_fn
         self.num_prompts, self.group_size = num_prompts, group_size
         self.max_prompt_length, self.max_new_tokens = width, max_new_tokens
-        self.pad_token_id = tokenizer.pad_token_id
+        self.pad_token_id, self.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.stop_token_ids = torch.tensor(
             [tokenizer.eos_token_id] if stop_token_ids is None else list(stop_token_ids))
         self.vocab_size = len(tokenizer) if vocab_size is None else vocab_size

@@ -274,8 +274,11 @@ class DualVariableSchedulerHook(TrainerHookBase):
             accumulation (an ``optimization_stepper`` with
             ``gradient_accumulation_steps > 1``) that is the ratio variance of
             all the step's micro-batches together, pooled exactly from the
-            loss's ``last_ratio_sums``, and ``lambda`` stays fixed within the
-            step. Defaults to ``"batch"``.
+            loss's ``last_ratio_sums`` (a window the stepper drops, for a
+            non-finite loss or gradient, is dropped from it too), and ``lambda``
+            stays fixed within the step. A scheduler reading another statistic
+            (``last_statistic_name``) is stepped on that one. Defaults to
+            ``"batch"``.
 
     The trainer already logs the loss's ``ratio_var`` and ``lagrange_multiplier``
     diagnostics (the multiplier each batch ran with), so the hook logs nothing.
@@ -321,6 +324,11 @@ class DualVariableSchedulerHook(TrainerHookBase):
         if count is None:
             count = trainer._optim_count
         if count == self._last_optim_count:
+            micro_step = getattr(stepper, "_micro_step", None)
+            if micro_step is not None and micro_step % getattr(stepper, "gradient_accumulation_steps", 1) == 0:
+                # the accumulation window ended without an optimiser step (a non-finite loss
+                # or gradient): its micro-batches' statistics go with their gradients
+                self._micro_batch_sums.clear()
             return False
         self._last_optim_count = count
         return True
@@ -336,7 +344,7 @@ class DualVariableSchedulerHook(TrainerHookBase):
             return
         loss = self.scheduler.loss_module
         sums = getattr(loss, "last_ratio_sums", None)
-        if sums is not None:
+        if sums is not None and self.scheduler.last_statistic_name == "last_ratio_var":
             self._micro_batch_sums.append(sums.detach().clone())
         if not self._optimised_since_last_call():
             return  # a micro-batch whose gradient is still being accumulated

@@ -365,7 +365,8 @@ class _AccumulationMixin:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """GRPOLoss's k3 estimate of the KL to the reference (or inference) policy, per
         valid token, aggregated as the objective is (GRPO's mean over each completion's
-        tokens with ``prompt_mean``), with its mean over the valid tokens as diagnostic.
+        tokens with ``prompt_mean``), with its mean over this call's valid tokens as
+        diagnostic.
 
         GRPOLoss averages it over every padded position instead, so that its weight
         shrinks as the batch's padding grows.
@@ -388,7 +389,8 @@ class _AccumulationMixin:
             mask = torch.ones_like(cur_log_prob, dtype=torch.bool)
         diff = torch.where(expand_as_right(mask, cur_log_prob), ref_log_prob - cur_log_prob, 0.0)
         k3 = (diff.expm1() - diff).unsqueeze(-1)
-        kl = self._token_mean(k3.detach(), mask, tensordict)
+        valid = expand_as_right(mask, k3)  # the diagnostic: this call's tokens, also inside accumulation()
+        kl = torch.where(valid, k3.detach(), 0.0).sum() / valid.sum().clamp_min(1)
         return coeff * self._aggregate_loss_value(k3, mask, tensordict), kl
 
 

@@ -105,6 +105,8 @@ class _LagrangianMixin:
             after = self._buffers[name]
             if after.dtype in (torch.float16, torch.bfloat16):
                 self._buffers[name] = before.to(after.device, torch.promote_types(before.dtype, torch.float32))
+            elif name == "last_ratio_sums" and after.dtype != before.dtype:  # sums stay float64
+                self._buffers[name] = before.to(after.device)
         return module
 
     @torch.no_grad()
@@ -401,12 +403,18 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             "too large a step)."
         )
 
+    def _critic_loss_inputs(self, target_return, state_value, old_state_value):
+        # the critic's prediction, for the explained variance (with separate_losses,
+        # loss_critic runs the critic on a copy of the input)
+        self._critic_prediction = state_value.detach()
+        return super()._critic_loss_inputs(target_return, state_value, old_state_value)
+
     @torch.no_grad()
     def _explained_variance(self, tensordict: TensorDictBase) -> torch.Tensor:
         """``1 - Var(target - value) / Var(target)`` over the valid positions, with the
-        value the critic predicted in :meth:`loss_critic` (written into ``tensordict``)."""
+        value the critic predicted in :meth:`loss_critic`."""
         target = tensordict.get(self.tensor_keys.value_target)
-        value = tensordict.get(self.tensor_keys.value)
+        value, self._critic_prediction = self._critic_prediction, None
         mask = _loss_validity_mask(self, tensordict, target)
 
         def variance(x):
