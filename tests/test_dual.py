@@ -331,6 +331,12 @@ class TestTrainerHook:
         assert scheduler.num_steps == 1 and scheduler.num_skipped == 0
         n, s1, s2 = 16.0, 8.4 + 7.6, 9.0 + 7.4
         assert scheduler.last_statistic == pytest.approx(s2 / n - (s1 / n) ** 2)
+        # a window that spans a checkpoint keeps the statistics of its first micro-batches
+        stepper._micro_step += 1
+        hook()
+        restored = DualVariableSchedulerHook(DualVariableScheduler(loss, lr=1.0), interval="optim")
+        restored.load_state_dict(hook.state_dict())
+        assert [t.tolist() for t in restored._micro_batch_sums] == [[8.0, 7.6, 7.4]]
 
     def test_a_scheduler_of_another_statistic_is_stepped_on_it(self):
         loss = make_loss()

@@ -360,14 +360,18 @@ class DualVariableSchedulerHook(TrainerHookBase):
         self.scheduler.step(pooled["ratio_var"])
 
     def state_dict(self) -> dict[str, Any]:
+        # an accumulation window may span two batches: its statistics so far are kept too
         return {
             "scheduler": self.scheduler.state_dict(),
             "last_optim_count": self._last_optim_count,
+            "micro_batch_sums": [sums.cpu() for sums in self._micro_batch_sums],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state_dict["scheduler"])
         self._last_optim_count = state_dict["last_optim_count"]
+        device = getattr(self.scheduler.loss_module, "last_ratio_sums", torch.empty(0)).device
+        self._micro_batch_sums = [sums.to(device) for sums in state_dict.get("micro_batch_sums", [])]
 
     def register(self, trainer: Trainer, name: str = "dual_variable_scheduler") -> None:
         self._trainer_ref = weakref.ref(trainer)
