@@ -52,6 +52,7 @@ from torchrl_r2vpo.objectives.r2vpo import (
     _LagrangianMixin,
     _loss_validity_mask,
     _NON_NEGATIVE_COEFFS,
+    _ratio_sums,
     _reject_unknown_kwargs,
 )
 
@@ -627,7 +628,7 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
         ratio = log_weight.exp()
         if self.check_finite and not is_dynamo_compiling():
             _check_finite_llm(ratio, advantage, mask, self.tensor_keys)
-        stats = self._ratio_sums(ratio.detach(), mask)
+        stats = _ratio_sums(ratio, mask)
         center = self._ratio_center(stats, ratio)
 
         # Each per-token term is aggregated as soon as it exists, so that no
@@ -652,8 +653,7 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
             td_out.set("loss_entropy", aggregate(-self.entropy_coeff * entropy))
             del entropy
         self._add_kl_terms(tensordict, td_out, mask, dist)
-        self._record_ratio_stats(td_out.get("ratio_var"), stats["num_tokens"], stats["ratio_sum"],
-                                 stats["ratio_sq_sum"])
+        self._record_ratio_stats(td_out.get("ratio_var"), stats)
         del tensordict["_cur_log_prob"]
         return self.output_type.from_tensordict(td_out)
 
@@ -692,16 +692,6 @@ class R2VPOLLMLoss(_LagrangianMixin, _AccumulationMixin, GRPOLoss):
             "num_tokens": count,
             "mean_ratio": (s1 / n).to(log_weight.dtype),
             "max_ratio": flat.max().exp(),
-        }
-
-    @staticmethod
-    def _ratio_sums(ratio: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Detached sums of ``r`` and ``r^2`` over the valid tokens (float64), and their count."""
-        valid = torch.where(expand_as_right(mask, ratio), ratio, 0).to(torch.float64)
-        return {
-            "ratio_sum": valid.sum(),
-            "ratio_sq_sum": valid.pow(2).sum(),
-            "num_tokens": mask.sum(),
         }
 
     def _ratio_center(self, stats: dict[str, torch.Tensor], ratio: torch.Tensor) -> torch.Tensor:

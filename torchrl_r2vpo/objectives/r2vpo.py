@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from tensordict import is_tensor_collection, TensorDict, TensorDictBase
 from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
+from tensordict.utils import expand_as_right
 from torchrl.modules.distributions.utils import is_dynamo_compiling
 from torchrl.objectives import LossModule, PPOLoss
 from torchrl.objectives.ppo import (
@@ -110,11 +111,11 @@ class _LagrangianMixin:
         return module
 
     @torch.no_grad()
-    def _record_ratio_stats(self, ratio_var: torch.Tensor, count: torch.Tensor,
-                            ratio_sum: torch.Tensor, ratio_sq_sum: torch.Tensor) -> None:
+    def _record_ratio_stats(self, ratio_var: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
+        """Records ``ratio_var`` and the :func:`_ratio_sums` it came from."""
         self.last_ratio_var.copy_(ratio_var)
-        self.last_ratio_sums.copy_(torch.stack([count.to(torch.float64), ratio_sum.to(torch.float64),
-                                                ratio_sq_sum.to(torch.float64)]))
+        self.last_ratio_sums.copy_(torch.stack(
+            [sums[key].to(torch.float64) for key in ("num_tokens", "ratio_sum", "ratio_sq_sum")]))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         for name in _NON_NEGATIVE_COEFFS:
@@ -488,11 +489,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             ratio_var = masked_mean(sq_dev.detach(), mask)
             if mask is not None:  # no valid position: no statistic
                 ratio_var = torch.where(mask.any(), ratio_var, float("nan"))
-            valid = ratio.detach().to(torch.float64)
-            if mask is not None:
-                valid = torch.where(mask, valid, 0)
-            count = valid.new_tensor(valid.numel()) if mask is None else mask.sum()
-            self._record_ratio_stats(ratio_var, count, valid.sum(), valid.pow(2).sum())
+            self._record_ratio_stats(ratio_var, _ratio_sums(ratio, mask))
             td_out.set("ratio_var", ratio_var)
             td_out.set("lagrange_multiplier", self.lagrange_multiplier.detach().clone())
             td_out.set("kl_approx", masked_mean(kl_approx.detach(), mask))
@@ -566,6 +563,16 @@ def _reject_unknown_kwargs(name: str, base: type, kwargs: dict) -> None:
     unknown = sorted(key for key in kwargs if key not in known)
     if unknown:
         raise TypeError(f"{name} got unexpected keyword argument(s): {', '.join(unknown)}.")
+
+
+def _ratio_sums(ratio: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Detached sums of ``r`` and ``r^2`` over the valid positions (float64), and their count."""
+    valid = ratio.detach().to(torch.float64)
+    if mask is None:
+        count = valid.new_tensor(valid.numel())
+    else:
+        valid, count = torch.where(expand_as_right(mask, valid), valid, 0), mask.sum()
+    return {"ratio_sum": valid.sum(), "ratio_sq_sum": valid.pow(2).sum(), "num_tokens": count}
 
 
 def _at_least_float32(value: torch.Tensor) -> torch.Tensor:
