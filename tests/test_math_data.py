@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from torchrl_r2vpo.envs.math_data import MathProblem, _split_of, generate_problems, load_hf_math
+from torchrl_r2vpo.envs.math_data import _NAMES, MathProblem, _split_of, generate_problems, load_hf_math
 from torchrl_r2vpo.envs.math_reward import math_reward
 
 ARITHMETIC = re.compile(r"What is ([-+*/() 0-9]+)\?")
@@ -52,6 +52,24 @@ def test_split_is_a_stable_80_20_hash():
     assert _split_of("What is 1 + 1?") == _split_of("What is 1 + 1?")
     for problem in generate_problems(100, split="test", seed=9):
         assert _split_of(problem.question) == "test"
+
+
+def _twins(question: str) -> set[str]:
+    """The question renamed, and with the operands of its first ``+`` or ``*`` pair swapped where that
+    keeps its value (one operation, or inside parentheses)."""
+    twins = {re.sub("|".join(_NAMES), name, question) for name in _NAMES}
+    twins.add(re.sub(r"^What is (\d+) ([+*]) (\d+)\?$", r"What is \3 \2 \1?", question))
+    twins.add(re.sub(r"\((\d+) ([+*]) (\d+)\)", r"(\3 \2 \1)", question))
+    return twins - {question}
+
+
+def test_no_commuted_or_renamed_twin_crosses_the_split():
+    train = {p.question for p in generate_problems(4096, seed=0)}
+    test = generate_problems(1024, split="test", seed=0)
+    twins = {twin for problem in test for twin in _twins(problem.question)}
+    assert len(twins) > 1000
+    assert {_split_of(twin) for twin in twins} == {"test"}
+    assert train.isdisjoint(twins)
 
 
 @pytest.mark.parametrize("difficulty", [1, 2, 3, (1, 3)])

@@ -2,11 +2,12 @@
 
 :func:`generate_problems` needs no network: arithmetic (difficulty 1 and 2) and short
 word problems (difficulty 3) with exact answers. A question belongs to the train or test
-split by a stable SHA-256 hash of its text (80/20), so the splits never share a question
-whatever the seed. They do share near-twins: ``a + b`` and ``b + a`` (and ``*``), and word
-problems that differ only in the name, may fall on both sides (at difficulty 1 about 40% of
-the test questions have a commuted twin in a 4096-problem training set), so held-out
-accuracy measures new surface forms of seen facts more than new facts. :func:`load_hf_math` reads GSM8K or MATH with the ``datasets`` package.
+split by a stable SHA-256 hash (80/20) of a key that its near-twins share: for arithmetic
+the multiset of its numbers and operators (``a + b`` and ``b + a``, ``a * b + c`` and
+``b * a + c``), for word problems the text without the name. So, whatever the seed, no test
+question and no commuted or renamed twin of it is in the train split, and held-out accuracy
+measures facts the model was not trained on. :func:`load_hf_math` reads GSM8K or MATH with the
+``datasets`` package.
 """
 
 from __future__ import annotations
@@ -70,8 +71,15 @@ def generate_problems(
 
 
 def _split_of(question: str) -> str:
-    bucket = int.from_bytes(hashlib.sha256(question.encode()).digest()[:8], "big") % 100
+    bucket = int.from_bytes(hashlib.sha256(_split_key(question).encode()).digest()[:8], "big") % 100
     return "train" if bucket < _TRAIN_PERCENT else "test"
+
+
+def _split_key(question: str) -> str:
+    if question.startswith("What is "):  # arithmetic: order-free, so commuted twins share a key
+        numbers = sorted(map(int, re.findall(r"\d+", question)))
+        return f"arithmetic {numbers} {sorted(re.findall(r'[-+*/]', question))}"
+    return re.sub("|".join(_NAMES), "<name>", question)
 
 
 def _canonical(value: Fraction | int) -> str:
