@@ -84,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Other arguments go to every run of examples/llm_math.py (see its --help).")
-    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "r2vpo-onpolicy"],
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rollouts", type=int, default=6144)
