@@ -35,6 +35,7 @@ METHODS = {
     "spo": ["--loss", "spo", "--reuse", "0"],
     "cispo": ["--loss", "cispo", "--reuse", "0"],
 }
+REWARD_WINDOW = 1024  # rollouts over which the final training reward is averaged
 
 
 def summarize(out: Path, methods: list[str], rollouts: int, reference: str = "grpo") -> str:
@@ -44,31 +45,34 @@ def summarize(out: Path, methods: list[str], rollouts: int, reference: str = "gr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {}
+    curves, rewards = {}, {}
     for method in methods:
-        runs = [points(read_curve(d), "rollouts", "test_accuracy")
-                for d in sorted((out / method).glob("seed*"))]
-        runs = [r for r in runs if len(r[0]) and r[0][-1] >= rollouts]
+        runs = [read_curve(d) for d in sorted((out / method).glob("seed*"))]
+        runs = [r for r in runs if r and r[-1]["rollouts"] >= rollouts]
         if runs:
-            length = min(len(r[0]) for r in runs)
-            curves[method] = (runs[0][0][:length], np.stack([r[1][:length] for r in runs]))
+            accuracy = [points(r, "rollouts", "test_accuracy") for r in runs]
+            length = min(len(a[0]) for a in accuracy)
+            curves[method] = (accuracy[0][0][:length], np.stack([a[1][:length] for a in accuracy]))
+            rewards[method] = np.array([np.mean([row["train_reward"] for row in r
+                                                 if row["rollouts"] > rollouts - REWARD_WINDOW])
+                                        for r in runs])
     target = curves[reference][1].mean(0)[-1] if reference in curves else np.nan
-    lines = [f"Held-out accuracy (greedy) after {rollouts} rollouts, mean ± std over seeds; "
-             f"rollouts to reach {reference}'s final mean accuracy ({target:.3f}) on the seed-mean "
-             "curve.", "",
-             f"| method | final accuracy | seeds | rollouts to {reference}'s final |",
-             "|---|---|---|---|"]
+    lines = [f"Held-out accuracy (greedy) after {rollouts} rollouts and training reward (sampled) "
+             f"over its last {REWARD_WINDOW} rollouts, mean ± std over seeds; rollouts to reach "
+             f"{reference}'s final mean accuracy ({target:.3f}) on the seed-mean curve.", "",
+             f"| method | final accuracy | training reward | seeds | rollouts to {reference}'s final |",
+             "|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
         if method not in curves:
-            lines.append(f"| {method} | - | 0 | - |")
+            lines.append(f"| {method} | - | - | 0 | - |")
             continue
         x, ys = curves[method]
         mean = ys.mean(0)
         needed = first_reach(x, mean, target) if not np.isnan(target) else np.nan
         reach = "not reached" if np.isnan(needed) else f"{needed:.0f} ({needed / rollouts:.0%})"
-        lines.append(f"| {method} | {ys[:, -1].mean():.3f} ± {ys[:, -1].std():.3f} | {len(ys)} "
-                     f"| {reach} |")
+        lines.append(f"| {method} | {ys[:, -1].mean():.3f} ± {ys[:, -1].std():.3f} "
+                     f"| {rewards[method].mean():.3f} ± {rewards[method].std():.3f} | {len(ys)} | {reach} |")
         ax.plot(x, mean, label=f"{method} (n={len(ys)})", lw=2 if method.startswith("r2vpo") else 1)
     ax.set(xlabel="rollouts (sampled completions)", ylabel="held-out accuracy (greedy)")
     ax.grid(alpha=0.3)

@@ -119,20 +119,21 @@ def write_llm_curve(run_dir: Path, accuracies: list[float], step=128):
         writer = csv.DictWriter(f, ["rollouts", "train_reward", "test_accuracy"])
         writer.writeheader()
         for i, value in enumerate(accuracies, start=1):
-            writer.writerow({"rollouts": i * step, "train_reward": 0.5,
+            writer.writerow({"rollouts": i * step, "train_reward": i / 10,
                              "test_accuracy": "" if value is None else value})
 
 
-def test_llm_report_from_partial_results(tmp_path):
+def test_llm_report_from_partial_results(tmp_path, monkeypatch):
     llm = load("llm_compare")
+    monkeypatch.setattr(llm, "REWARD_WINDOW", 256)  # the rows at 512 and 640 rollouts
     write_llm_curve(tmp_path / "grpo" / "seed0", [0.1, None, 0.3, None, 0.5])
     write_llm_curve(tmp_path / "grpo" / "seed1", [0.1, None, 0.3, None, 0.3])
     write_llm_curve(tmp_path / "r2vpo" / "seed0", [0.2, None, 0.4, None, 0.6])
     write_llm_curve(tmp_path / "r2vpo" / "seed1", [0.2, None, 0.4])  # unfinished: left out
     report = llm.summarize(tmp_path, ["r2vpo", "grpo", "spo"], 640)
     rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
-    assert "| 0.400 ± 0.100 | 2 |" in rows["grpo"]
-    assert "| 0.600 ± 0.000 | 1 |" in rows["r2vpo"]
+    assert "| 0.400 ± 0.100 | 0.450 ± 0.000 | 2 |" in rows["grpo"]
+    assert "| 0.600 ± 0.000 | 0.450 ± 0.000 | 1 |" in rows["r2vpo"]
     # grpo's final mean is 0.4; r2vpo's curve [0.2, 0.4, 0.6] first reaches it at 384 rollouts
     assert rows["r2vpo"].rstrip(" |").endswith("384 (60%)")
     assert rows["spo"].count("-") >= 2

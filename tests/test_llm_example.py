@@ -100,7 +100,7 @@ def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
     # each would change the stored batches' layout, their content, the training itself,
     # or the held-out problems the accuracy before training was measured on
     for change, saved in ((dict(reuse=0), "reuse=2"), (dict(max_new_tokens=8), "max_new_tokens=6"),
-                          (dict(kl_to_ref=0.1), "kl_to_ref=0.0"), (dict(lr=1e-3), "lr=0.0003"),
+                          (dict(kl_to_ref=0.1), "kl_to_ref=0.0"), (dict(lr=1e-3), "lr=0.0001"),
                           (dict(num_test=8), "num_test=16")):
         with pytest.raises(ValueError, match=saved):
             llm_math.main(config(tmp_path, tiny_model, resume=True, rollouts=32, **change))
