@@ -113,7 +113,8 @@ def build_math_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast
 
     Every character is one token, so :meth:`decode` inverts :meth:`encode` exactly
     (spaces included). Ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3, then the
-    characters. No special token is added when encoding; padding is on the left.
+    characters. No special token is added when encoding, and text that spells one
+    (``"<eos>"``) is read as its characters; padding is on the left.
 
     Returns:
         A :class:`~transformers.PreTrainedTokenizerFast` with 100 tokens.
@@ -142,6 +143,7 @@ def build_math_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast
         unk_token=unk,
         padding_side="left",
         clean_up_tokenization_spaces=False,
+        split_special_tokens=True,
         model_max_length=model_max_length,
     )
 
