@@ -33,12 +33,12 @@ import os
 import platform
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from common import first_reach, points, read_curve, run_example
+
+from torchrl_r2vpo.recipes.sweep import first_reach, points, run_curve, run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "dmc_walker.py"
@@ -46,7 +46,7 @@ TASKS = ["walker-walk", "cheetah-run", "cartpole-swingup_sparse"]
 FIXED_LAMBDAS = [0.5, 1.0, 2.5, 5.0, 10.0]
 ADAPTIVE_TARGETS = [0.005, 0.01, 0.02, 0.05]
 # the starting states of --starts: environment i of a task is seeded STARTS_SEED + i, far from
-# the training (seed, seed + 1, ...) and evaluation (dmc_walker.eval_seed) environments' seeds
+# the training (seed, seed + 1, ...) and evaluation (torchrl_r2vpo.recipes.control.eval_seed) environments' seeds
 STARTS_SEED = 1_000_000
 
 
@@ -94,7 +94,7 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
     for ax, task in zip(axes[0], tasks):
         cells, smooth_cells, step_cells, mean_curves = [], [], [], {}
         for loss in losses:
-            runs = [read_curve(d) for d in sorted((out / task / loss).glob("seed*"))]
+            runs = [run_curve(d) for d in sorted((out / task / loss).glob("seed*"))]
             runs = [r for r in runs if r and r[-1]["frames"] >= frames]
             curves = [eval_points(r) for r in runs]
             curves = [c for c in curves if len(c[0])]
@@ -153,7 +153,7 @@ def summarize_sweep(out: Path, task: str, frames: int) -> str:
         for value in sorted(settings, key=float):
             finals, last3, variances, kls, lams = [], [], [], [], []
             for run_dir in sorted((out / "sweep" / task / (prefix + value)).glob("seed*")):
-                curve = read_curve(run_dir)
+                curve = run_curve(run_dir)
                 x, y = eval_points(curve)
                 if len(x) and x[-1] >= frames:
                     finals.append(y[-1])
@@ -182,14 +182,13 @@ def final_starts(run_dir: Path, task: str, episodes: int) -> np.ndarray | None:
     if not (run_dir / "checkpoint.pt").exists():
         return None
     os.environ.setdefault("MUJOCO_GL", "disable")  # no rendering: before MuJoCo is imported
-    sys.path.insert(0, str(EXAMPLE.parent))
-    import dmc_walker
     from torchrl_r2vpo.envs import make_env
+    from torchrl_r2vpo.recipes.control import episode_returns, load_actor
 
     env = make_env(task, num_envs=episodes, seed=STARTS_SEED)
-    _, actor = dmc_walker.load_actor(run_dir / "checkpoint.pt", env)
+    _, actor = load_actor(run_dir / "checkpoint.pt", env)
     start = time.perf_counter()
-    returns = dmc_walker.episode_returns(env, actor).numpy()
+    returns = episode_returns(env, actor).numpy()
     env.close()
     print(f"{run_dir}: mean {returns.mean():.1f} from {episodes} starts "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -223,7 +222,7 @@ def starts(out: Path, tasks: list[str], frames: int, episodes: int) -> str:
         results = {}
         for label, group in groups:
             for run_dir in sorted(group.glob("seed*")):
-                curve = read_curve(run_dir)
+                curve = run_curve(run_dir)
                 if curve and curve[-1]["frames"] >= frames:
                     returns = final_starts(run_dir, task, episodes)
                     if returns is not None:
@@ -282,10 +281,8 @@ def plain_collector_rate(task: str, frames: int = 20_480) -> float:
     import torch
     from torchrl.collectors import Collector
 
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from dmc_walker import make_agent
-
     from torchrl_r2vpo.envs import make_env
+    from torchrl_r2vpo.recipes.control import make_agent
 
     env = make_env(task, seed=0)
     actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
@@ -311,12 +308,11 @@ def collection_rate(task: str, num_workers: int, batches: int = 6) -> float:
 
     os.environ.setdefault("MUJOCO_GL", "disable")  # no renderer needed
 
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from dmc_walker import make_agent, make_collector, parse_args
-
     from torchrl_r2vpo.envs import make_env
+    from torchrl_r2vpo.recipes.config import ControlConfig
+    from torchrl_r2vpo.recipes.control import make_agent, make_collector
 
-    cfg = parse_args(["--env", task, "--num-workers", str(num_workers)])
+    cfg = ControlConfig(env=task, num_workers=num_workers)
     env = make_env(task)
     actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
                              env.action_spec.shape[-1])
@@ -372,8 +368,8 @@ def throughput(out: Path, task: str, frames: int) -> str:
         shutil.rmtree(run_dir, ignore_errors=True)
         run(run_dir, frames, ["--env", task, "--eval-every", str(10 * frames), *flags])
         # the first batch includes start-up and, compiled, the compilation
-        loops[name] = statistics.median(r["fps"] for r in read_curve(run_dir)[1:])
-        updates[name] = statistics.median(r["update_s"] for r in read_curve(run_dir)[1:])
+        loops[name] = statistics.median(r["fps"] for r in run_curve(run_dir)[1:])
+        updates[name] = statistics.median(r["update_s"] for r in run_curve(run_dir)[1:])
     raw_after = raw_rate(task, processes=2)
     loop = loops["eager"]
     raw = statistics.mean([raw_before, raw_after])
@@ -407,7 +403,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", default=["r2vpo", "ppo"], choices=["r2vpo", "ppo"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--frames", type=int, default=1_000_000)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dmc")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dmc-1m")
     parser.add_argument("--sweep", action="store_true",
                         help="fixed-lambda and adaptive-delta sensitivity on the first task")
     parser.add_argument("--lambdas", nargs="*", type=float, default=FIXED_LAMBDAS,

@@ -7,19 +7,23 @@
 
 Every (method, seed) run is ``examples/llm_math.py`` with its own ``--out`` directory under
 ``--out``; an interrupted run continues with ``--resume`` and a finished one is skipped. The
-report (``<out>/summary.md``, ``<out>/curves.png``) is built from the runs present: final
-held-out accuracy (greedy) mean ± std, and the rollouts each method needs to reach GRPO's
-final accuracy (on the seed-mean curves). Extra arguments go to every run.
+report (``<out>/summary.md``, ``<out>/curves.png``) is built from the runs present: held-out
+accuracy (sampled at temperature 1) before and after, greedy accuracy and pass@8 after, mean ±
+std, the rollouts each method needs to reach GRPO's final accuracy (on the seed-mean curves),
+and the gate: on-policy GRPO gains 10 points of sampled accuracy within 10 minutes of training
+in every seed. Extra arguments go to every run (``--task arithmetic`` for the older task).
 """
 
 from __future__ import annotations
 
 import argparse
 from concurrent.futures import ThreadPoolExecutor
+import re
 from pathlib import Path
 
 import numpy as np
-from common import first_reach, points, read_curve, run_example
+
+from torchrl_r2vpo.recipes.sweep import first_reach, points, run_curve, run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "llm_math.py"
@@ -38,49 +42,103 @@ METHODS = {
 REWARD_WINDOW = 1024  # rollouts over which the final training reward is averaged
 
 
+GATE_SECONDS = 600  # the reference must gain GATE_POINTS within this much training time
+GATE_POINTS = 0.10
+_BEFORE = re.compile(r"accuracy before training: ([\d.]+) \(\d+ problems, sampled; greedy ([\d.]+), "
+                     r"pass@8 ([\d.]+)\)")
+_AFTER = re.compile(r"accuracy after training: ([\d.]+) \(before: [\d.]+; greedy ([\d.]+), "
+                    r"pass@8 ([\d.]+)\)")
+
+
+def printed_accuracy(run_dir: Path) -> dict[str, float]:
+    """The sampled and greedy accuracy and pass@8 a run printed before and after training
+    (``before_sampled``, ..., ``after_pass8``), from its ``stdout.log``; what it lacks is NaN."""
+    text = (run_dir / "stdout.log").read_text() if (run_dir / "stdout.log").exists() else ""
+    found = {}
+    for when, pattern, matches in (("before", _BEFORE, _BEFORE.findall(text)[:1]),
+                                   ("after", _AFTER, _AFTER.findall(text)[-1:])):
+        values = [float(v) for v in matches[0]] if matches else [np.nan] * 3
+        found.update(zip((f"{when}_sampled", f"{when}_greedy", f"{when}_pass8"), values))
+    return found
+
+
+def _fmt(values, spec: str = ".3f") -> str:
+    values = np.asarray(values, dtype=float)
+    if np.isnan(values).all():
+        return "-"
+    return f"{np.nanmean(values):{spec}} ± {np.nanstd(values):{spec}}"
+
+
 def summarize(out: Path, methods: list[str], rollouts: int, reference: str = "grpo") -> str:
-    """Final accuracy per method and rollouts-to-reference's-final, from the runs present."""
+    """Final accuracy per method, rollouts to the reference's final accuracy, and the gate
+    (the reference's gain within ``GATE_SECONDS``), from the runs present."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves, rewards = {}, {}
+    curves, rewards, times, printed = {}, {}, {}, {}
     for method in methods:
-        runs = [read_curve(d) for d in sorted((out / method).glob("seed*"))]
-        runs = [r for r in runs if r and r[-1]["rollouts"] >= rollouts]
+        runs = [(d, run_curve(d)) for d in sorted((out / method).glob("seed*"))]
+        runs = [(d, r) for d, r in runs if r and r[-1]["rollouts"] >= rollouts]
         if runs:
-            accuracy = [points(r, "rollouts", "test_accuracy") for r in runs]
+            accuracy = [points(r, "rollouts", "test_accuracy") for _, r in runs]
             length = min(len(a[0]) for a in accuracy)
             curves[method] = (accuracy[0][0][:length], np.stack([a[1][:length] for a in accuracy]))
             rewards[method] = np.array([np.mean([row["train_reward"] for row in r
                                                  if row["rollouts"] > rollouts - REWARD_WINDOW])
-                                        for r in runs])
+                                        for _, r in runs])
+            times[method] = np.array([r[-1]["time_s"] for _, r in runs])
+            printed[method] = [(d, r, printed_accuracy(d)) for d, r in runs]
     target = curves[reference][1].mean(0)[-1] if reference in curves else np.nan
-    lines = [f"Held-out accuracy (greedy) after {rollouts} rollouts and training reward (sampled) "
-             f"over its last {REWARD_WINDOW} rollouts, mean ± std over seeds; rollouts to reach "
+    lines = [f"Held-out accuracy (sampled at temperature 1, fixed seed) before and after {rollouts} "
+             f"rollouts, greedy accuracy and pass@8 after, training reward over the last "
+             f"{REWARD_WINDOW} rollouts, training seconds; mean ± std over seeds. Rollouts to reach "
              f"{reference}'s final mean accuracy ({target:.3f}) on the seed-mean curve.", "",
-             f"| method | final accuracy | training reward | seeds | rollouts to {reference}'s final |",
-             "|---|---|---|---|---|"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+             f"| method | before | final accuracy | final greedy | final pass@8 | training reward "
+             f"| seconds | seeds | rollouts to {reference}'s final |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    fig, (by_rollouts, by_time) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in methods:
         if method not in curves:
-            lines.append(f"| {method} | - | - | 0 | - |")
+            lines.append(f"| {method} | - | - | - | - | - | - | 0 | - |")
             continue
         x, ys = curves[method]
         mean = ys.mean(0)
         needed = first_reach(x, mean, target) if not np.isnan(target) else np.nan
         reach = "not reached" if np.isnan(needed) else f"{needed:.0f} ({needed / rollouts:.0%})"
-        lines.append(f"| {method} | {ys[:, -1].mean():.3f} ± {ys[:, -1].std():.3f} "
-                     f"| {rewards[method].mean():.3f} ± {rewards[method].std():.3f} | {len(ys)} | {reach} |")
-        ax.plot(x, mean, label=f"{method} (n={len(ys)})", lw=2 if method.startswith("r2vpo") else 1)
-    ax.set(xlabel="rollouts (sampled completions)", ylabel="held-out accuracy (greedy)")
-    ax.grid(alpha=0.3)
+        acc = [p for _, _, p in printed[method]]
+        lines.append(f"| {method} | {_fmt([a['before_sampled'] for a in acc])} | {_fmt(ys[:, -1])} "
+                     f"| {_fmt([a['after_greedy'] for a in acc])} | {_fmt([a['after_pass8'] for a in acc])} "
+                     f"| {_fmt(rewards[method])} | {_fmt(times[method], '.0f')} | {len(ys)} | {reach} |")
+        width = 2 if method.startswith("r2vpo") else 1
+        line, = by_rollouts.plot(x, mean, label=f"{method} (n={len(ys)})", lw=width)
+        for _, run, _ in printed[method]:
+            t, y = points(run, "time_s", "test_accuracy")
+            by_time.plot(t, y, color=line.get_color(), lw=width, alpha=0.7)
+    by_rollouts.set(xlabel="rollouts (sampled completions)", ylabel="held-out accuracy (sampled)")
+    by_time.set(xlabel="training seconds (each run on one core)", ylabel="held-out accuracy (sampled)")
+    for ax in (by_rollouts, by_time):
+        ax.grid(alpha=0.3)
     if curves:
-        ax.legend(fontsize=8)
+        by_rollouts.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=100)
     plt.close(fig)
+    if reference in printed:
+        lines += ["", f"Gate: {reference}'s held-out accuracy (sampled) at its last evaluation within "
+                  f"{GATE_SECONDS} s of training against before, per seed (needs +{GATE_POINTS:.2f}, "
+                  "greedy not lower).", "",
+                  "| run | before | within the time | gain | greedy before -> after | passes |",
+                  "|---|---|---|---|---|---|"]
+        for run_dir, run, acc in printed[reference]:
+            t, y = points(run, "time_s", "test_accuracy")
+            within = y[t <= GATE_SECONDS][-1] if (t <= GATE_SECONDS).any() else np.nan
+            gain = within - acc["before_sampled"]
+            passes = gain >= GATE_POINTS and acc["after_greedy"] >= acc["before_greedy"]
+            lines.append(f"| {run_dir.name} | {acc['before_sampled']:.3f} | {within:.3f} | {gain:+.3f} "
+                         f"| {acc['before_greedy']:.3f} -> {acc['after_greedy']:.3f} "
+                         f"| {'yes' if passes else 'no'} |")
     return "\n".join(lines)
 
 
@@ -91,8 +149,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--rollouts", type=int, default=6144)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llm")
+    parser.add_argument("--rollouts", type=int, default=32768)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llm-losses")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs at a time (each a process; useful on a GPU or a many-core machine)")
     parser.add_argument("--report-only", action="store_true")

@@ -1,15 +1,17 @@
 """R2VPO vs clipped PPO on MuJoCo Playground on the GPU, through ``examples/dmc_walker.py``.
 
-    python benchmarks/playground_compare.py --out results/playground     # 3 tasks x 2 losses, ~7 min
+    python benchmarks/playground_compare.py --out benchmarks/results/playground  # 3 tasks x 2 losses, ~7 min
     python benchmarks/playground_compare.py --tasks CartpoleSwingupSparse --seeds 0 1 --frames 20000000
     python benchmarks/playground_compare.py --device cpu --num-envs 16 --frames 1024 --random-steps 20 \\
         --frames-per-batch 512 --minibatch-size 128 --epochs 2                  # a CPU smoke run
 
 For each task the Playground environment is built and compiled once, its
-random-action env-steps/s is measured, and then every (loss, seed) run trains in
-it in this process, with the example's code path and Playground's tuned Brax
-PPO defaults (the example's ``PLAYGROUND`` preset, shared by both losses); only
-the loss differs. Each run stops at ``--frames`` or after ``--time-limit``
+random-action env-steps/s is measured, and then every (loss, seed) run trains
+through ``examples/dmc_walker.py`` in a process of its own, which builds the task
+again and loads its compiled step from JAX's persistent compilation cache (under
+the runs' directory), with Playground's tuned Brax PPO defaults (the
+``PLAYGROUND`` preset of ``torchrl_r2vpo.recipes.config``, shared by both
+losses); only the loss differs. Each run stops at ``--frames`` or after ``--time-limit``
 seconds of training, and the whole benchmark skips the runs that no longer fit
 in ``--budget`` seconds. After every run ``results.json``, ``summary.md`` and
 ``curves.png`` are rewritten under ``--out``, so a killed benchmark leaves the
@@ -21,11 +23,13 @@ Arguments this script does not know go to the example (``--frames-per-batch``,
 from __future__ import annotations
 
 import argparse
-import csv
+import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -36,12 +40,11 @@ os.environ.setdefault("MUJOCO_GL", "disable")  # nothing is rendered
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import dmc_walker  # noqa: E402
-from run_state import stop_on_sigterm  # noqa: E402
-
 from torchrl_r2vpo.envs import make_env  # noqa: E402
+from torchrl_r2vpo.recipes.run_state import read_curve, stop_on_sigterm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "dmc_walker.py"
 
 TASKS = ["CartpoleSwingupSparse", "WalkerWalk", "CheetahRun"]
 # Playground's own Brax PPO with the same configuration, measured on an H100 (2026-11)
@@ -69,18 +72,52 @@ def env_rate(env, steps: int, device: torch.device) -> tuple[float, float]:
     return compile_s, td.numel() / (time.perf_counter() - start)
 
 
-def read_curve(run_dir: Path) -> list[dict]:
-    path = run_dir / "curve.csv"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [{k: float(v) if v != "" else "" for k, v in row.items()} for row in csv.DictReader(f)]
+def share_compilation_cache(path: Path) -> None:
+    """JAX's persistent compilation cache in ``path`` (unless ``JAX_COMPILATION_CACHE_DIR``
+    names one), for this process and the runs it starts: a task's step compiles once."""
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(path))
+    if importlib.util.find_spec("jax") is not None:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+
+
+class RunFailed(RuntimeError):
+    """A run of the example exited with an error; the message is its last line of stderr."""
+
+
+def train(argv: list[str], run_dir: Path) -> dict:
+    """Runs ``examples/dmc_walker.py`` with ``argv`` in a process of its own, its stderr in
+    ``run_dir/stderr.log``. A Ctrl-C or SIGTERM of this process is passed on to the run, which
+    saves the checkpoint of its last complete batch: the outcome is then interrupted.
+
+    Raises:
+        RunFailed: the run failed.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    proc = None
+    try:
+        with open(run_dir / "stderr.log", "w") as stderr:
+            # a session of its own: this process's group's signals reach it only from here
+            proc = subprocess.Popen([sys.executable, str(EXAMPLE), *argv], stderr=stderr,
+                                    start_new_session=True)
+            status = proc.wait()
+    except KeyboardInterrupt:
+        if proc is None:
+            raise
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        return {"interrupted": True}
+    if status != 0:
+        lines = [line for line in (run_dir / "stderr.log").read_text().splitlines() if line.strip()]
+        raise RunFailed(lines[-1] if lines else f"exit status {status}")
+    return {"interrupted": False}
 
 
 def run_summary(run_dir: Path) -> dict:
     """What one run's ``curve.csv`` says: frames, returns, the loop's env-steps/s and the
     share of each batch's time that GAE and the optimiser steps take."""
-    curve = read_curve(run_dir)
+    curve = read_curve(run_dir / "curve.csv")
     if not curve:
         return {"frames": 0, "rows": []}
     frames = [r["frames"] for r in curve]
@@ -245,7 +282,7 @@ def main() -> None:
         "num_envs": args.num_envs, "frames": args.frames, "time_limit": args.time_limit,
         "example_args": list(extra), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__},
         "tasks": {}}
-    runs = [(loss, seed) for seed in args.seeds for loss in args.losses]
+    share_compilation_cache(runs_dir / "jax_cache")
     try:
         benchmark(args, extra, device, results, runs_dir, start)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM outside a run: keep what is done
@@ -267,6 +304,7 @@ def benchmark(args, extra: list[str], device: torch.device, results: dict, runs_
             continue
         t0 = time.perf_counter()
         entry = results["tasks"][task] = {"runs": []}
+        env = None
         try:  # a task that cannot be built or stepped leaves the others to run
             env = make_env(f"playground:{task}", num_envs=args.num_envs, seed=0, device=device)
             entry["build_s"] = time.perf_counter() - t0
@@ -276,6 +314,9 @@ def benchmark(args, extra: list[str], device: torch.device, results: dict, runs_
             entry["error"] = f"{type(err).__name__}: {err}"
             save(results, args.out)
             continue
+        finally:
+            if env is not None:
+                env.close()  # its device memory goes to the runs
         print(f"{task}: built in {entry['build_s']:.1f} s, compiled in {entry['compile_s']:.1f} s, "
               f"{entry['env_steps_per_s']:,.0f} env-steps/s with random actions", flush=True)
         save(results, args.out)
@@ -290,24 +331,19 @@ def benchmark(args, extra: list[str], device: torch.device, results: dict, runs_
                     print(f"skipping {task} {loss} seed {seed}: out of --budget", flush=True)
                     break
                 run_dir = runs_dir / task / loss / f"seed{seed}"
-                cfg = dmc_walker.parse_args([
-                    "--env", f"playground:{task}", "--loss", loss, "--seed", str(seed),
-                    "--device", args.device, "--num-envs", str(args.num_envs),
-                    "--frames", str(args.frames), "--eval-every", str(args.frames),
-                    "--checkpoint-every", str(args.frames), "--time-limit", f"{limit:.0f}",
-                    "--out", str(run_dir), "--overwrite", *extra])
+                argv = ["--env", f"playground:{task}", "--loss", loss, "--seed", str(seed),
+                        "--device", args.device, "--num-envs", str(args.num_envs),
+                        "--frames", str(args.frames), "--eval-every", str(args.frames),
+                        "--checkpoint-every", str(args.frames), "--time-limit", f"{limit:.0f}",
+                        "--out", str(run_dir), "--overwrite", *extra]
+                compiled = "--compile" in extra
                 t0 = time.perf_counter()
-                torch._dynamo.reset()  # under --compile: no graphs or guards of earlier runs
                 try:
-                    outcome = dmc_walker.main(cfg, env=env)
-                except KeyboardInterrupt:  # a signal outside the run's training loop
-                    entry["runs"].append({"loss": loss, "seed": seed, "interrupted": True,
-                                          "compiled": cfg.compile, **run_summary(run_dir)})
-                    raise
+                    outcome = train(argv, run_dir)
                 except Exception as err:  # the other runs still run
                     traceback.print_exc()
-                    error = f"{type(err).__name__}: {err}"
-                    if cfg.compile and attempt == 0:
+                    error = str(err) if isinstance(err, RunFailed) else f"{type(err).__name__}: {err}"
+                    if compiled and attempt == 0:
                         extra.remove("--compile")
                         results["meta"]["compile_error"] = error
                         print(f"{task} {loss} seed {seed} failed under --compile; this run and the "
@@ -316,7 +352,7 @@ def benchmark(args, extra: list[str], device: torch.device, results: dict, runs_
                     run = {"loss": loss, "seed": seed, "error": error, "frames": 0, "rows": []}
                 else:
                     run = {"loss": loss, "seed": seed, "wall_s": time.perf_counter() - t0,
-                           "time_limit": limit, "compiled": cfg.compile, **run_summary(run_dir)}
+                           "time_limit": limit, "compiled": compiled, **run_summary(run_dir)}
                     batches = max(1, len(run["rows"]))
                     overhead = run["wall_s"] - run.get("train_s", 0) + run.get("train_s", 0) / batches
                 entry["runs"].append(run)
@@ -329,7 +365,6 @@ def benchmark(args, extra: list[str], device: torch.device, results: dict, runs_
                     run["interrupted"] = True  # its batches so far are in the summary
                     raise KeyboardInterrupt
                 break
-        env.close()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Seconds per optimiser step of ``examples/dmc_walker.py``'s update, eager and compiled.
 
-The example's own pieces (``make_agent``, ``make_loss``, ``make_update``) on synthetic
+The example's own pieces (``make_agent``, ``make_loss`` of ``torchrl_r2vpo.recipes.control``,
+``make_update`` of ``torchrl_r2vpo.recipes.update``) on synthetic
 minibatches of a walker-sized problem (24 observations, 6 actions, random advantages and
 value targets): one step is the loss, backward, per-network gradient clipping and Adam, as
 in training. ``compiled`` is ``make_update(..., compile=True)``: ``torch.compile`` after one
@@ -21,7 +22,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,9 +30,11 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import Bounded, Composite
 
+from torchrl_r2vpo.recipes.config import ControlConfig
+from torchrl_r2vpo.recipes.control import make_agent, make_loss, make_optimizer
+from torchrl_r2vpo.recipes.update import make_update
+
 ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import dmc_walker  # noqa: E402
 
 OBS_DIM, ACT_DIM = 24, 6  # walker-walk
 
@@ -47,13 +49,13 @@ def build(loss_name: str, minibatch: int, compiled: bool, device: torch.device):
     action = Bounded(-1.0, 1.0, shape=(ACT_DIM,), device=device)
     spec = SimpleNamespace(full_action_spec_unbatched=Composite(action=action),
                            action_spec_unbatched=action)  # what make_agent reads of an env
-    cfg = dmc_walker.parse_args(["--loss", loss_name])
-    actor, critic, _ = dmc_walker.make_agent(spec, OBS_DIM, ACT_DIM)
+    cfg = ControlConfig(loss=loss_name)
+    actor, critic, _ = make_agent(spec, OBS_DIM, ACT_DIM)
     actor.to(device)
     critic.to(device)
-    loss, _ = dmc_walker.make_loss(cfg, actor, critic)
-    optimizer = dmc_walker.make_optimizer(loss, cfg.lr, compiled)
-    update = dmc_walker.make_update(loss, optimizer, cfg.max_grad_norm, compile=compiled)
+    loss, _ = make_loss(cfg, actor, critic)
+    optimizer = make_optimizer(loss, cfg.lr, compiled)
+    update = make_update(loss, optimizer, cfg.max_grad_norm, compile=compiled)
     batches = []
     for _ in range(4):
         data = TensorDict({"observation": torch.randn(minibatch, OBS_DIM, device=device)},
@@ -84,7 +86,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "update_step")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "update-step" / "cpu")
     args = parser.parse_args()
     if min(args.steps, args.repeats) < 1 or args.warmup < 0:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0")

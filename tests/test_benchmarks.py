@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from torchrl_r2vpo.recipes.config import ControlConfig, parse, PLAYGROUND
+from torchrl_r2vpo.recipes.sweep import first_reach
+
 ROOT = Path(__file__).parents[1]
 
 
 def load(name):
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their shared helpers
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -107,36 +109,50 @@ def test_sweep_report_lists_the_settings_present(tmp_path, monkeypatch):
 def test_first_reach(evals, level, expected):
     import numpy as np
 
-    common = load("common")
     frames = np.array([1000.0 * (i + 1) for i in range(len(evals))])
-    got = common.first_reach(frames, np.array(evals, dtype=float), level)
+    got = first_reach(frames, np.array(evals, dtype=float), level)
     assert (np.isnan(got) and expected is None) or got == expected
 
 
-def write_llm_curve(run_dir: Path, accuracies: list[float], step=128):
+def write_llm_curve(run_dir: Path, accuracies: list[float], step=128, seconds=100.0,
+                    printed: tuple[float, ...] | None = None):
     run_dir.mkdir(parents=True)
     with open(run_dir / "curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["rollouts", "train_reward", "test_accuracy"])
+        writer = csv.DictWriter(f, ["rollouts", "time_s", "train_reward", "test_accuracy"])
         writer.writeheader()
         for i, value in enumerate(accuracies, start=1):
-            writer.writerow({"rollouts": i * step, "train_reward": i / 10,
+            writer.writerow({"rollouts": i * step, "time_s": i * seconds, "train_reward": i / 10,
                              "test_accuracy": "" if value is None else value})
+    if printed is not None:  # what the example prints: sampled, greedy, pass@8 before and after
+        b, bg, bp, a, ag, ap = printed
+        (run_dir / "stdout.log").write_text(
+            f"held-out accuracy before training: {b} (16 problems, sampled; greedy {bg}, pass@8 {bp})\n"
+            "...\nheld-out accuracy before training: 0.9 (16 problems, sampled; greedy 0.9, pass@8 0.9)\n"
+            f"held-out accuracy after training: {a} (before: {b}; greedy {ag}, pass@8 {ap}); curve\n")
 
 
 def test_llm_report_from_partial_results(tmp_path, monkeypatch):
     llm = load("llm_compare")
     monkeypatch.setattr(llm, "REWARD_WINDOW", 256)  # the rows at 512 and 640 rollouts
-    write_llm_curve(tmp_path / "grpo" / "seed0", [0.1, None, 0.3, None, 0.5])
-    write_llm_curve(tmp_path / "grpo" / "seed1", [0.1, None, 0.3, None, 0.3])
+    # seed 0 gains 0.4 by 300 s (the gate's last evaluation within 600 s); seed 1 only 0.05
+    write_llm_curve(tmp_path / "grpo" / "seed0", [0.1, None, 0.3, None, 0.5], seconds=100,
+                    printed=(0.1, 0.2, 0.5, 0.5, 0.6, 0.9))
+    write_llm_curve(tmp_path / "grpo" / "seed1", [0.1, None, 0.3, None, 0.3], seconds=200,
+                    printed=(0.25, 0.4, 0.7, 0.3, 0.3, 0.8))
     write_llm_curve(tmp_path / "r2vpo" / "seed0", [0.2, None, 0.4, None, 0.6])
     write_llm_curve(tmp_path / "r2vpo" / "seed1", [0.2, None, 0.4])  # unfinished: left out
     report = llm.summarize(tmp_path, ["r2vpo", "grpo", "spo"], 640)
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ")}
-    assert "| 0.400 ± 0.100 | 0.450 ± 0.000 | 2 |" in rows["grpo"]
-    assert "| 0.600 ± 0.000 | 0.450 ± 0.000 | 1 |" in rows["r2vpo"]
+    table, gate = report.split("Gate:")
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["grpo"].startswith("| grpo | 0.175 ± 0.075 | 0.400 ± 0.100 | 0.450 ± 0.150 "
+                                   "| 0.850 ± 0.050 | 0.450 ± 0.000 | 750 ± 250 | 2 |")
+    assert "| 0.600 ± 0.000 | - | - | 0.450 ± 0.000 | 500 ± 0 | 1 |" in rows["r2vpo"]
     # grpo's final mean is 0.4; r2vpo's curve [0.2, 0.4, 0.6] first reaches it at 384 rollouts
     assert rows["r2vpo"].rstrip(" |").endswith("384 (60%)")
     assert rows["spo"].count("-") >= 2
+    gates = {line.split("|")[1].strip(): line for line in gate.splitlines() if line.startswith("| seed")}
+    assert gates["seed0"].endswith("| 0.100 | 0.500 | +0.400 | 0.200 -> 0.600 | yes |")
+    assert gates["seed1"].endswith("| 0.250 | 0.300 | +0.050 | 0.400 -> 0.300 | no |")
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -163,8 +179,8 @@ def test_playground_report_compares_at_equal_steps(tmp_path):
 
 
 def fake_playground_driver(monkeypatch, tmp_path, *args, interrupt_at=None, broken_task=None):
-    """playground_compare with stand-ins for the environments and examples/dmc_walker.py:
-    every run writes three 1000-frame batches at 1000 env-steps/s with 0.25 s of updates, a
+    """playground_compare with stand-ins for the environments and the runs of
+    examples/dmc_walker.py (whose command lines the example's parser reads): every run writes three 1000-frame batches at 1000 env-steps/s with 0.25 s of updates, a
     compiled one raises, the run ``interrupt_at`` stops after its first batch as a signal
     would, and ``broken_task`` cannot be built. Returns the module and the runs' calls."""
     pg = load("playground_compare")
@@ -179,10 +195,12 @@ def fake_playground_driver(monkeypatch, tmp_path, *args, interrupt_at=None, brok
             raise RuntimeError("no such GPU")
         return Env()
 
-    def fake_main(cfg, env):
+    def fake_train(argv, run_dir):
+        cfg = parse(ControlConfig, argv)
+        assert Path(cfg.out) == run_dir and cfg.playground and cfg.epochs == PLAYGROUND["epochs"]
         calls.append((cfg.env, cfg.loss, cfg.compile, cfg.time_limit))
         if cfg.compile:
-            raise RuntimeError("no CUDA graphs here")
+            raise pg.RunFailed("RuntimeError: no CUDA graphs here")
         interrupted = (cfg.env, cfg.loss) == interrupt_at
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +216,8 @@ def fake_playground_driver(monkeypatch, tmp_path, *args, interrupt_at=None, brok
     monkeypatch.setattr(pg, "make_env", fake_make_env)
     monkeypatch.setattr(pg, "env_rate", lambda env, steps, device: (1.0, 5000.0))
     monkeypatch.setattr(pg, "stop_on_sigterm", lambda: None)  # not in the test process
-    monkeypatch.setattr(pg.dmc_walker, "main", fake_main)
+    monkeypatch.setattr(pg, "share_compilation_cache", lambda path: None)  # nor its environment
+    monkeypatch.setattr(pg, "train", fake_train)
     monkeypatch.setattr(sys, "argv", ["playground_compare.py", "--device", "cpu", "--out",
                                       str(tmp_path), "--budget", "400", "--time-limit", "100",
                                       *args])

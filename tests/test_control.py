@@ -192,7 +192,8 @@ def test_gif_of_a_dm_control_and_a_gymnasium_rollout(tmp_path):
     script = f"""
 import imageio
 from torchrl.envs.utils import RandomPolicy
-from torchrl_r2vpo.envs import make_env, record_rollout_gif, select_mujoco_gl
+from torchrl_r2vpo.envs import make_env
+from torchrl_r2vpo.record import record_rollout_gif, select_mujoco_gl
 
 reason = select_mujoco_gl()
 if reason:

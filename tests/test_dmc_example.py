@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib.util
 import os
 import re
 import signal
@@ -14,6 +15,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torchrl.data import Bounded, Composite
+
+from torchrl_r2vpo.envs import make_env
+from torchrl_r2vpo.recipes import control, update
+from torchrl_r2vpo.recipes.config import ControlConfig
+from torchrl_r2vpo.recipes.run_state import interrupts_deferred
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "dmc_walker.py"
 SMALL = ["--frames-per-batch", "1024", "--num-envs", "4", "--num-workers", "1", "--epochs", "2",
@@ -147,9 +153,6 @@ def test_interrupt_and_resume_continue_the_run(tmp_path):
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("outer", [signal.default_int_handler, signal.SIG_IGN])
 def test_a_stop_signal_during_the_bookkeeping_reaches_the_outer_handler_after_it(signum, outer):
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from run_state import interrupts_deferred
-
     previous = signal.signal(signum, outer)  # default_int_handler: what stop_on_sigterm sets
     recorded = []
     try:
@@ -166,9 +169,10 @@ def test_a_stop_signal_during_the_bookkeeping_reaches_the_outer_handler_after_it
 
 @pytest.mark.timeout(120)
 def test_bad_settings_and_a_second_fresh_run_are_refused_by_name(tmp_path):
-    for flag in ("--eval-every", "--checkpoint-every", "--num-envs", "--eval-episodes", "--frames"):
-        result = run_example(flag, "0", "--out", str(tmp_path / "bad"))
-        assert result.returncode != 0 and f"{flag} must be >= 1" in result.stderr, flag
+    # every flag's range is checked in process by tests/test_config.py; this is the script's
+    result = run_example("--eval-every", "0", "--out", str(tmp_path / "bad"))
+    assert result.returncode == 2 and "--eval-every must be >= 1, got 0" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "bad").exists()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "curve.csv").write_text("frames\n1024\n")  # an earlier run's curve
     result = run_example("--frames", "1024", "--out", str(tmp_path / "run"))
@@ -180,60 +184,20 @@ def test_bad_settings_and_a_second_fresh_run_are_refused_by_name(tmp_path):
     assert [int(r["frames"]) for r in read_curve(tmp_path / "run")] == [1024]
 
 
-def test_playground_preset_is_shared_and_flags_given_win():
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from dmc_walker import PLAYGROUND, parse_args
-
-    dmc = parse_args([])
-    assert (dmc.num_envs, dmc.lr, dmc.reward_scale, dmc.device) == (16, 3e-4, 1.0, "cpu")
-    for loss in ("r2vpo", "ppo"):
-        cfg = parse_args(["--env", "playground:WalkerWalk", "--loss", loss, "--epochs", "10",
-                          "--num-envs", "16"])
-        assert (cfg.epochs, cfg.num_envs) == (10, 16)  # given, even where equal to the default
-        for key in ("frames_per_batch", "minibatch_size", "lr", "gamma", "reward_scale",
-                    "entropy_coeff"):
-            assert getattr(cfg, key) == PLAYGROUND[key]
-    assert PLAYGROUND["frames_per_batch"] == 2048 * 30 * 16  # Brax: envs x unroll x 16 unrolls
-    assert PLAYGROUND["frames_per_batch"] // PLAYGROUND["minibatch_size"] == 32
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--device", "cuda"], "for playground: environments"),
-    (["--num-envs", "24"], "multiple of --num-envs x --num-workers = 48"),
-    (["--minibatch-size", "8192"], "--minibatch-size must be in"),
-    (["--epochs", "0"], "--epochs >= 1"),
-    (["--collector", "ray", "--num-workers", "1"], "--collector ray runs --num-workers >= 2"),
-])
-def test_inconsistent_flags_are_refused_by_name(flags, message):
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from dmc_walker import parse_args
-
-    with pytest.raises(ValueError, match=re.escape(message)):
-        parse_args(flags)
-
-
 def test_a_missing_ray_names_the_extra(monkeypatch):
-    sys.path.insert(0, str(EXAMPLE.parent))
-    import dmc_walker
-
-    find_spec = dmc_walker.importlib.util.find_spec
-    monkeypatch.setattr(dmc_walker.importlib.util, "find_spec",
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "ray" else find_spec(name, *args))
-    cfg = dmc_walker.parse_args(["--collector", "ray"])
+    cfg = ControlConfig(collector="ray")
     with pytest.raises(ImportError, match=re.escape("pip install 'torchrl_r2vpo[ray]'")):
-        dmc_walker.make_collector(cfg, actor=None, total_frames=cfg.frames_per_batch, seed=0)
+        control.make_collector(cfg, actor=None, total_frames=cfg.frames_per_batch, seed=0)
 
 
 def test_evaluation_in_a_single_environment():
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from dmc_walker import evaluate, make_agent
-
-    from torchrl_r2vpo.envs import make_env
-
     env = make_env("cartpole-balance", num_envs=1, seed=0)  # not batched
-    actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
-                             env.action_spec.shape[-1])
-    assert 0 < evaluate(env, actor) <= 1000  # one 1000-step episode of rewards in [0, 1]
+    actor, _, _ = control.make_agent(env, env.observation_spec["observation"].shape[-1],
+                                     env.action_spec.shape[-1])
+    assert 0 < control.evaluate(env, actor) <= 1000  # one 1000-step episode of rewards in [0, 1]
 
 
 @pytest.mark.timeout(180)
@@ -241,13 +205,9 @@ def test_a_checkpoint_reloads_the_policy_its_final_evaluation_measured(tmp_path)
     result = run_example("--frames", "2048", "--eval-every", "100000", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     final = float(read_curve(tmp_path)[-1]["eval_return"])  # the run's only evaluation
-    sys.path.insert(0, str(EXAMPLE.parent))
-    from dmc_walker import episode_returns, eval_seed, load_actor
-
-    from torchrl_r2vpo.envs import make_env
-
+    episode_returns, eval_seed = control.episode_returns, control.eval_seed
     env = make_env("walker-walk", num_envs=2)
-    cfg, actor = load_actor(tmp_path / "checkpoint.pt", env)
+    cfg, actor = control.load_actor(tmp_path / "checkpoint.pt", env)
     assert (cfg.env, cfg.frames, cfg.eval_episodes) == ("walker-walk", 2048, 2)
     env.set_seed(eval_seed(cfg, 2048))  # fresh environments, the run's evaluation starts
     returns = episode_returns(env, actor)
@@ -262,26 +222,24 @@ def test_a_checkpoint_reloads_the_policy_its_final_evaluation_measured(tmp_path)
 
 
 def test_compiled_step_is_static_and_its_optimiser_resumes_an_eager_one(monkeypatch):
-    sys.path.insert(0, str(EXAMPLE.parent))
-    import dmc_walker as dmc
     action = Bounded(-1.0, 1.0, shape=(2,))  # what make_agent reads of an env
     spec = SimpleNamespace(full_action_spec_unbatched=Composite(action=action),
                            action_spec_unbatched=action)
-    loss, _ = dmc.make_loss(dmc.parse_args([]), *dmc.make_agent(spec, 3, 2)[:2])
+    loss, _ = control.make_loss(ControlConfig(), *control.make_agent(spec, 3, 2)[:2])
     compiled = {}
-    monkeypatch.setattr(dmc, "compile_with_warmup",
+    monkeypatch.setattr(update, "compile_with_warmup",
                         lambda fn, **kwargs: compiled.update(kwargs) or fn)
-    dmc.make_update(loss, dmc.make_optimizer(loss, 1e-3, compile=True), 0.5, compile=True)
+    update.make_update(loss, control.make_optimizer(loss, 1e-3, compile=True), 0.5, compile=True)
     # one graph per network size, never a dynamic one; no CUDA graphs on the CPU
     assert compiled == {"warmup": 1, "mode": None, "dynamic": False}
 
-    eager = dmc.make_optimizer(loss, 1e-3)
+    eager = control.make_optimizer(loss, 1e-3)
     sum(p.square().sum() for p in loss.parameters()).backward()
     eager.step()
-    resumed = dmc.make_optimizer(loss, 1e-3, compile=True)
+    resumed = control.make_optimizer(loss, 1e-3, compile=True)
     lr = resumed.param_groups[0]["lr"]
     assert isinstance(lr, torch.Tensor) and lr.device == next(loss.parameters()).device
-    dmc.load_optimizer_state(resumed, eager.state_dict())
+    control.load_optimizer_state(resumed, eager.state_dict())
     # the compiled run keeps its tensor learning rate (filled in place when annealed) ...
     group = resumed.param_groups[0]
     assert isinstance(group["lr"], torch.Tensor) and group["capturable"] is False
@@ -290,6 +248,11 @@ def test_compiled_step_is_static_and_its_optimiser_resumes_an_eager_one(monkeypa
     for param in loss.parameters():
         assert torch.equal(resumed.state[param]["exp_avg"], eager.state[param]["exp_avg"])
         assert float(resumed.state[param]["step"]) == 1
-    back = dmc.make_optimizer(loss, 1e-3)
-    dmc.load_optimizer_state(back, resumed.state_dict())
+    back = control.make_optimizer(loss, 1e-3)
+    control.load_optimizer_state(back, resumed.state_dict())
     assert back.param_groups[0]["lr"] == 1e-3  # and an eager resume gets its float back
+    tensor_lr = resumed.param_groups[0]["lr"]
+    control.set_lr(resumed, 5e-4)  # annealing: in place where the learning rate is a tensor
+    control.set_lr(back, 5e-4)
+    assert resumed.param_groups[0]["lr"] is tensor_lr and float(tensor_lr) == pytest.approx(5e-4)
+    assert back.param_groups[0]["lr"] == 5e-4

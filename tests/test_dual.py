@@ -22,6 +22,7 @@ from torchrl.trainers import (
 )
 
 from torchrl_r2vpo import DualVariableScheduler, DualVariableSchedulerHook, R2VPOLoss
+from torchrl_r2vpo.objectives import LagrangianLoss, RatioStats
 
 
 def make_actor(spec=None, bound=1.0):
@@ -204,6 +205,58 @@ class TestScheduler:
                 assert after == before
         assert sched.num_skipped == skipped
         assert sched.num_steps == len(stats) - skipped
+
+
+class TestLossProtocol:
+    """The scheduler reads a loss through the LagrangianLoss protocol only."""
+
+    def test_r2vpo_loss_implements_the_protocol(self):
+        loss = make_loss()
+        assert isinstance(loss, LagrangianLoss)
+        data = TensorDict(
+            {
+                "observation": torch.randn(32, 3),
+                "action": torch.rand(32, 1) * 1.8 - 0.9,
+                "action_log_prob": torch.randn(32),
+                "advantage": torch.randn(32, 1),
+            },
+            [32],
+        )
+        out = loss(data)
+        stats = loss.last_ratio_stats
+        assert isinstance(stats, RatioStats) and int(stats.count) == 32
+        assert stats.ratio_sum.dtype == torch.float64
+        torch.testing.assert_close(stats.variance(loss.variance_center).float(), out["ratio_var"])
+        torch.testing.assert_close(loss.last_ratio_var, out["ratio_var"])
+
+    def test_any_module_with_the_protocol_is_scheduled(self):
+        class Constrained(nn.Module):
+            variance_center = "mean"
+
+            def __init__(self):
+                super().__init__()
+                self.register_buffer("lagrange_multiplier", torch.tensor(1.0))
+                self.register_buffer("ratio_var_target", torch.tensor(0.02))
+                self.register_buffer("last_ratio_var", torch.tensor(0.05))
+
+        loss = Constrained()
+        scheduler = DualVariableScheduler(loss, lr=1.0)
+        scheduler.step()
+        assert lam(loss) == pytest.approx(1.03)
+        # without last_ratio_stats (optional) the hook steps on last_ratio_var
+        DualVariableSchedulerHook(scheduler, interval="optim")()
+        assert lam(loss) == pytest.approx(1.06)
+
+    def test_name_arguments_are_deprecated_but_work(self):
+        loss = make_loss()
+        with pytest.warns(DeprecationWarning, match="multiplier_name"):
+            scheduler = DualVariableScheduler(loss, lr=1.0, multiplier_name="lagrange_multiplier")
+        scheduler.step(0.07)
+        assert lam(loss) == pytest.approx(1.05)
+        with pytest.warns(DeprecationWarning, match="target_name"):
+            scheduler = DualVariableScheduler(loss, lr=1.0, target_name="ratio_var_target")
+        scheduler.step(0.07)
+        assert lam(loss) == pytest.approx(1.10)
 
 
 class _nothing:

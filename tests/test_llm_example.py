@@ -1,32 +1,33 @@
-"""examples/llm_math.py end to end, in process: every loss, learning, interruption and resume."""
+"""examples/llm_math.py end to end as a script, and its pieces (torchrl_r2vpo.recipes.llm) in
+process: every loss, learning, interruption and resume."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
+import dataclasses
+import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-
 from torchrl.modules.llm import TransformersWrapper
 
 from torchrl_r2vpo import LLM_LOSSES
-from torchrl_r2vpo.modules.math_lm import build_math_lm, build_math_tokenizer
+from torchrl_r2vpo.collectors import collect_batch, TransformersBackend
+from torchrl_r2vpo.data import group_advantages, staleness_stats
+from torchrl_r2vpo.math_task import build_math_lm, build_math_tokenizer, load_math_lm
+from torchrl_r2vpo.recipes import llm
+from torchrl_r2vpo.recipes.config import flag, LLMConfig
+from torchrl_r2vpo.recipes.run_state import load_checkpoint, open_run_dir
+from torchrl_r2vpo.recipes.update import make_update, mean_metrics
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "llm_math.py"
-sys.path.insert(0, str(EXAMPLE.parent))  # as when run as a script: its helpers sit beside it
-SPEC = importlib.util.spec_from_file_location("llm_math", EXAMPLE)
-llm_math = sys.modules["llm_math"] = importlib.util.module_from_spec(SPEC)  # dataclasses need it
-SPEC.loader.exec_module(llm_math)
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    threads = torch.get_num_threads()  # the example sets its own (--threads)
-    yield
-    torch.set_num_threads(threads)
+SMALL = dict(num_problems=64, num_test=16, num_prompts=4, group_size=4, max_new_tokens=6,
+             minibatch_size=32, eval_every=32, checkpoint_every=32, rollouts=64)
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +39,25 @@ def tiny_model(tmp_path_factory) -> str:
     return str(path)
 
 
-def config(out: Path, model: str, **overrides) -> llm_math.Config:
-    small = dict(model=model, out=str(out), num_problems=64, num_test=16, num_prompts=4,
-                 group_size=4, max_new_tokens=6, minibatch_size=32, eval_every=32,
-                 checkpoint_every=32, rollouts=64)
-    return llm_math.Config(**{**small, **overrides})
+def settings(out: Path, model: str, **overrides) -> dict:
+    return {**SMALL, "model": model, "out": str(out), **overrides}
+
+
+def command(**settings) -> list[str]:
+    """The example's command line for these settings (booleans as --flag / --no-flag)."""
+    args = []
+    for name, value in settings.items():
+        if isinstance(value, bool):
+            args.append(flag(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag(name), str(value)]
+    return [sys.executable, str(EXAMPLE), *args]
+
+
+def run_example(**settings) -> subprocess.CompletedProcess:
+    result = subprocess.run(command(**settings), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def read_curve(out: Path) -> list[dict]:
@@ -50,115 +65,149 @@ def read_curve(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.fixture(scope="module")
+def half_run(tmp_path_factory, tiny_model) -> tuple[Path, dict]:
+    """An R2VPO run with reuse and the KL penalty, stopped at half of SMALL's budget."""
+    half = settings(tmp_path_factory.mktemp("half"), tiny_model, reuse=1, kl_to_ref=0.1,
+                    rollouts=32)
+    run_example(**half)
+    return Path(half["out"]), half
+
+
+def test_a_run_writes_its_outputs(half_run):
+    out, _ = half_run
+    rows = read_curve(out)
+    assert [int(r["rollouts"]) for r in rows] == [16, 32]
+    assert all(r["lagrange_multiplier"] != "" and r["kl_to_ref"] != "" for r in rows)
+    assert (out / "curve.png").stat().st_size > 0 and (out / "checkpoint.pt").exists()
+    assert (out / "logs" / "r2vpo-seed0" / "scalars" / "stale1" / "ratio_var.csv").exists()
+
+
 @pytest.mark.parametrize("loss", sorted(LLM_LOSSES))
-def test_every_loss_trains_through_the_example(tmp_path, tiny_model, loss):
-    result = llm_math.main(config(tmp_path, tiny_model, loss=loss, rollouts=32, reuse=1))
+def test_every_loss_trains_on_the_examples_data(tiny_model, tmp_path, loss):
+    """One iteration of the example's loop, from its recipes."""
+    cfg = LLMConfig(**settings(tmp_path, tiny_model, loss=loss, reuse=1))
+    model, tokenizer = load_math_lm(cfg.model)
+    env, test = llm.make_task(cfg, model, tokenizer)
+    assert len(test) == cfg.num_test
+    scorer = TransformersWrapper(model, tokenizer=tokenizer, input_mode="tokens", generate=False,
+                                 return_log_probs=True, pad_output=True)
+    loss_module, scheduler = llm.make_loss(cfg, scorer)
+    assert (scheduler is not None) == (loss == "r2vpo")
+    update = make_update(loss_module, torch.optim.AdamW(model.parameters(), lr=cfg.lr),
+                         cfg.max_grad_norm, clip_groups=[model.parameters()])
+    backend = TransformersBackend(model, tokenizer, max_new_tokens=cfg.max_new_tokens)
+    batch = collect_batch(env, backend, policy_version=0)
+    batch["advantage"] = group_advantages(batch["next", "reward"], cfg.group_size)
+    metrics = mean_metrics([update(batch)])
+    assert torch.isfinite(torch.tensor(metrics["loss_objective"])) and metrics["grad_norm"] > 0
+    assert ("lagrange_multiplier" in metrics) == (loss == "r2vpo")
+    ratio, mask, age = llm.ratios_by_age(model, batch, version=1)
+    assert "stale1/ratio_var" in staleness_stats(ratio, age, mask)  # one update old
+
+
+def test_a_baseline_runs_through_the_example(tmp_path, tiny_model):
+    result = run_example(**settings(tmp_path, tiny_model, loss="grpo", rollouts=32, reuse=1))
     rows = read_curve(tmp_path)
-    assert [int(r["rollouts"]) for r in rows] == [16, 32] and result["rollouts"] == 32
-    assert all(torch.isfinite(torch.tensor(float(r["loss_objective"]))) for r in rows)
-    assert (rows[-1]["lagrange_multiplier"] != "") == (loss == "r2vpo")
-    assert (tmp_path / "curve.png").stat().st_size > 0 and (tmp_path / "checkpoint.pt").exists()
-    scalars = tmp_path / "logs" / f"{loss}-seed0" / "scalars"
-    assert (scalars / "stale1" / "ratio_var.csv").exists()  # the reused batch, one update old
+    assert [int(r["rollouts"]) for r in rows] == [16, 32] and rows[-1]["lagrange_multiplier"] == ""
+    assert "held-out accuracy before training: " in result.stdout
+    assert "held-out accuracy after training: " in result.stdout
+    assert (tmp_path / "logs" / "grpo-seed0" / "scalars" / "stale1" / "ratio_var.csv").exists()
 
 
-def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, tiny_model):
-    straight = llm_math.main(config(tmp_path / "a", tiny_model, reuse=1, kl_to_ref=0.1))
-    llm_math.main(config(tmp_path / "b", tiny_model, reuse=1, kl_to_ref=0.1, rollouts=32))
-    resumed = llm_math.main(config(tmp_path / "b", tiny_model, reuse=1, kl_to_ref=0.1, resume=True))
+def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, half_run):
+    out, half = half_run
+    straight = run_example(**{**half, "out": str(tmp_path / "a"), "rollouts": 64})
+    shutil.copytree(out, tmp_path / "b")
+    resumed = run_example(**{**half, "out": str(tmp_path / "b"), "rollouts": 64, "resume": True})
     a, b = read_curve(tmp_path / "a"), read_curve(tmp_path / "b")
     assert [int(r["rollouts"]) for r in b] == [16, 32, 48, 64]
     for key in ("train_reward", "lagrange_multiplier", "ratio_var", "kl_to_ref", "test_accuracy"):
         assert [r[key] for r in a] == [r[key] for r in b], key
-    assert resumed["final_accuracy"] == straight["final_accuracy"]
+
+    def last_line(result):
+        return result.stdout.strip().splitlines()[-1]
+
+    assert last_line(resumed) == last_line(straight).replace(str(tmp_path / "a"), str(tmp_path / "b"))
 
 
-def test_ctrl_c_saves_the_last_complete_iteration(tmp_path, tiny_model, monkeypatch, capsys):
-    calls = {"n": 0}
-    collect = llm_math.collect_batch
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return collect(*args, **kwargs)
-
-    monkeypatch.setattr(llm_math, "collect_batch", interrupted)
-    result = llm_math.main(config(tmp_path, tiny_model, checkpoint_every=10_000))
-    assert result == {"rollouts": 32, "interrupted": True}
+@pytest.mark.timeout(300)
+def test_a_stop_signal_saves_the_last_complete_iteration(tmp_path, tiny_model):
+    run = settings(tmp_path, tiny_model, rollouts=16 * 10_000, checkpoint_every=100_000,
+                   eval_every=100_000)
+    proc = subprocess.Popen(command(**run), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "curve.csv").exists() or len(read_curve(tmp_path)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # as a job scheduler or `timeout` would
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "checkpoint saved" in stdout and proc.returncode == 0, stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert ckpt["rollouts"] == 32 and ckpt["version"] == 2
-    monkeypatch.setattr(llm_math, "collect_batch", collect)
-    llm_math.main(config(tmp_path, tiny_model, resume=True))
+    rollouts = ckpt["rollouts"]
+    assert rollouts == int(read_curve(tmp_path)[-1]["rollouts"]) and ckpt["version"] == rollouts // 16
+    result = run_example(**{**run, "rollouts": rollouts + 32, "resume": True})
     lam = float(ckpt["loss"]["lagrange_multiplier"])
-    assert f"resumed at 32 rollouts: lambda {lam:.9g}, 32 stored completions" in capsys.readouterr().out
-    assert [int(r["rollouts"]) for r in read_curve(tmp_path)] == [16, 32, 48, 64]
+    stored = min(rollouts, 3 * 16)  # --reuse 2: the last three batches
+    assert f"resumed at {rollouts} rollouts: lambda {lam:.9g}, {stored} stored completions" in result.stdout
+    assert [int(r["rollouts"]) for r in read_curve(tmp_path)] == list(range(16, rollouts + 33, 16))
 
 
-def test_resume_refuses_a_changed_setting(tmp_path, tiny_model):
-    llm_math.main(config(tmp_path, tiny_model, rollouts=16))
+def test_resume_refuses_a_changed_setting(half_run):
+    out, half = half_run
+    saved = LLMConfig(**{**half, "resume": True})
     # each would change the stored batches' layout, their content, the training itself,
     # or the held-out problems the accuracy before training was measured on
-    for change, saved in ((dict(reuse=0), "reuse=2"), (dict(max_new_tokens=8), "max_new_tokens=6"),
-                          (dict(kl_to_ref=0.1), "kl_to_ref=0.0"), (dict(lr=1e-3), "lr=0.0001"),
-                          (dict(num_test=8), "num_test=16")):
-        with pytest.raises(ValueError, match=saved):
-            llm_math.main(config(tmp_path, tiny_model, resume=True, rollouts=32, **change))
+    for change, message in ((dict(reuse=0), "reuse=1"), (dict(max_new_tokens=8), "max_new_tokens=6"),
+                            (dict(kl_to_ref=0.0), "kl_to_ref=0.1"), (dict(lr=1e-3), "lr=0.0001"),
+                            (dict(num_test=8), "num_test=16")):
+        with pytest.raises(ValueError, match=message):
+            load_checkpoint(out / "checkpoint.pt", dataclasses.replace(saved, **change))
     # what only schedules evaluation or names the budget may change
-    result = llm_math.main(config(tmp_path, tiny_model, resume=True, rollouts=32, eval_every=1000))
-    assert result["rollouts"] == 32
+    ckpt = load_checkpoint(out / "checkpoint.pt", dataclasses.replace(saved, rollouts=64, eval_every=1000))
+    assert ckpt["rollouts"] == 32
+    with pytest.raises(FileExistsError, match="--overwrite"):  # an earlier run is kept
+        open_run_dir(out, resume=False, overwrite=False)
 
 
 def test_lambda_max_and_entropy_coeff_reach_the_loss(tmp_path, tiny_model):
 
     def scheduler(**overrides):
-        cfg = config(tmp_path, tiny_model, **overrides)
+        cfg = LLMConfig(**settings(tmp_path, tiny_model, **overrides))
         tokenizer = build_math_tokenizer()
-        _, dual = llm_math.make_loss(cfg, TransformersWrapper(
+        _, dual = llm.make_loss(cfg, TransformersWrapper(
             build_math_lm(tokenizer, hidden_size=32), tokenizer=tokenizer, input_mode="tokens",
             generate=False, return_log_probs=True, pad_output=True))
         return dual
 
     assert scheduler().max_value is None
-    loss, _ = llm_math.make_loss(config(tmp_path, tiny_model, loss="grpo", entropy_coeff=0.0), None)
+    loss, _ = llm.make_loss(LLMConfig(loss="grpo", entropy_coeff=0.0), None)
     assert not loss.entropy_bonus
-    assert llm_math.make_loss(config(tmp_path, tiny_model, loss="grpo"), None)[0].entropy_coeff == 0.01
+    assert llm.make_loss(LLMConfig(loss="grpo"), None)[0].entropy_coeff == 0.01
     capped = scheduler(lambda_max=3.0)
     assert capped.max_value == 3.0
     capped.step(1e6)  # far above delta
     assert capped.multiplier.item() == 3.0
 
 
-def test_a_missing_transformers_names_the_extra(monkeypatch):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *args: None if name == "transformers" else find_spec(name, *args))
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("bare", EXAMPLE))
-    with pytest.raises(SystemExit, match=r"pip install 'torchrl_r2vpo\[llm\]'"):
-        module.__spec__.loader.exec_module(module)
-
-
-def test_settings_that_cannot_train_are_refused_by_name(tmp_path, tiny_model):
-    for overrides, message in ((dict(group_size=1), "--group-size must be >= 2"),
-                               (dict(rollouts=40), "multiple of --num-prompts x --group-size = 16"),
-                               (dict(eval_every=0), "--eval-every must be >= 1"),
-                               (dict(lambda_max=0.5), r"--lambda-max must be 0 \(no cap\) or >= "
-                                                      "--lagrange-multiplier 1.0, got 0.5")):
-        with pytest.raises(ValueError, match=message):
-            config(tmp_path, tiny_model, **overrides)
-    llm_math.main(config(tmp_path, tiny_model, rollouts=16))
-    with pytest.raises(FileExistsError, match="--overwrite"):  # an earlier run is kept
-        llm_math.main(config(tmp_path, tiny_model, rollouts=16))
-    with pytest.raises(ValueError, match="not both"):
-        llm_math.main(config(tmp_path, tiny_model, resume=True, overwrite=True))
+def test_a_missing_transformers_names_the_extra():
+    hide = ("import importlib.util as u, runpy, sys; find = u.find_spec; "
+            "u.find_spec = lambda name, *a: None if name == 'transformers' else find(name, *a); "
+            "sys.argv = [sys.argv[1]]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", hide, str(EXAMPLE)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "pip install 'torchrl_r2vpo[llm]'" in result.stderr
 
 
 def test_training_raises_the_reward_on_a_toy_task(tmp_path):
     # the shipped model on 8 problems asked again and again: RL can memorise their answers
-    cfg = llm_math.Config(out=str(tmp_path), num_problems=8, num_test=16, num_prompts=8,
-                          group_size=8, rollouts=512, reuse=0, eval_every=10_000,
-                          checkpoint_every=10_000)
-    llm_math.main(cfg)
+    run_example(out=str(tmp_path), task="arithmetic", num_problems=8, num_test=16, num_prompts=8,
+                group_size=8, rollouts=512, reuse=0, eval_every=10_000, checkpoint_every=10_000)
     reward = [float(r["train_reward"]) for r in read_curve(tmp_path)]
     assert len(reward) == 8
     assert sum(reward[-2:]) / 2 > sum(reward[:2]) / 2 + 0.2, reward

@@ -317,13 +317,22 @@ class TestR2VPOLLM:
                            aggregation=aggregation)(make_batch(actor))
         torch.testing.assert_close(out.loss_ratio_var, 3.0 * out.ratio_var)
 
+    def test_last_ratio_stats_are_the_outputs_sums(self, actor):
+        loss = R2VPOLLMLoss(actor, lagrange_multiplier=1.0, masking_strategy="rlhf")
+        out = loss(make_batch(actor))
+        stats = loss.last_ratio_stats
+        assert int(stats.count) == int(out.num_tokens)
+        torch.testing.assert_close(stats.ratio_sum, out.ratio_sum)
+        torch.testing.assert_close(stats.ratio_sq_sum, out.ratio_sq_sum)
+        torch.testing.assert_close(stats.variance("mean").float(), out.ratio_var)
+
     def test_squared_deviation_works_under_torch_func(self):
-        from torchrl_r2vpo.objectives.llm import _squared_deviation
+        from torchrl_r2vpo.objectives.ratio_variance import squared_deviation
 
         ratio, center = torch.rand(3, 4) + 0.5, torch.tensor(1.1)
-        grad = torch.func.grad(lambda r: _squared_deviation(r, center).sum())(ratio)
+        grad = torch.func.grad(lambda r: squared_deviation(r, center).sum())(ratio)
         torch.testing.assert_close(grad, 2 * (ratio - center))
-        rows = torch.func.vmap(lambda r: _squared_deviation(r, center))(ratio)
+        rows = torch.func.vmap(lambda r: squared_deviation(r, center))(ratio)
         torch.testing.assert_close(rows, (ratio - center) ** 2)
 
     def test_reduction_none_keeps_tokens(self, actor):

@@ -8,8 +8,10 @@ from fractions import Fraction
 
 import pytest
 
-from torchrl_r2vpo.envs.math_data import _NAMES, MathProblem, _split_of, generate_problems, load_hf_math
-from torchrl_r2vpo.envs.math_reward import math_reward
+from hypothesis import given, settings, strategies as st
+
+from torchrl_r2vpo.math_task import generate_reversed_addition, math_reward
+from torchrl_r2vpo.math_task.problems import _NAMES, MathProblem, _split_of, generate_problems, load_hf_math
 
 ARITHMETIC = re.compile(r"What is ([-+*/() 0-9]+)\?")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -126,3 +128,56 @@ def test_load_hf_math_without_datasets_raises_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match="pip install datasets"):
         load_hf_math("gsm8k")
+
+
+def operands(problem: MathProblem) -> list[int]:
+    assert problem.question.endswith("=")
+    return [int(x) for x in problem.question[:-1].split("+")]
+
+
+def test_reversed_addition_is_seeded_and_fresh_per_seed():
+    assert generate_reversed_addition(64, seed=3) == generate_reversed_addition(64, seed=3)
+    assert generate_reversed_addition(64, seed=3) != generate_reversed_addition(64, seed=4)
+    assert generate_reversed_addition(5, seed=3) == generate_reversed_addition(64, seed=3)[:5]
+
+
+def test_reversed_addition_streams_share_no_operand_set():
+    train = {tuple(sorted(operands(p))) for p in generate_reversed_addition(20_000, seed=0)}
+    test = {tuple(sorted(operands(p))) for p in generate_reversed_addition(5_000, split="test", seed=1)}
+    assert not train & test
+    # the same distribution otherwise: every 2-digit pair is in one split, about 1 in 5 in test
+    assert 0.15 < len(test) / (len(train) + len(test)) < 0.25
+    assert len(train) + len(test) > 3_500  # nearly all of the 4095 pairs, less those summing to x0
+
+
+@pytest.mark.parametrize("digits", [1, 2, 3, 4])
+@pytest.mark.parametrize("terms", [2, 3])
+def test_reversed_addition_answers_are_scored_by_the_verifier(digits, terms):
+    for problem in generate_reversed_addition(200, digits=digits, terms=terms, seed=digits + terms):
+        numbers = operands(problem)
+        assert len(numbers) == terms and all(len(str(x)) == digits for x in numbers)
+        assert problem.answer == str(sum(numbers))[::-1] and problem.difficulty == digits
+        assert math_reward(problem.answer, problem.answer) == 1.0
+        assert math_reward(f"{problem.answer}<eos>", problem.answer) == 1.0
+        wrong = str(int(problem.answer) + 1)  # one more in the lowest written digit place
+        assert math_reward(wrong, problem.answer) == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32), digits=st.integers(1, 5), terms=st.integers(2, 4),
+       split=st.sampled_from(["train", "test"]))
+def test_reversed_addition_round_trips(seed, digits, terms, split):
+    (problem,) = generate_reversed_addition(1, split=split, digits=digits, terms=terms, seed=seed)
+    numbers = operands(problem)
+    assert "+".join(map(str, numbers)) + "=" == problem.question
+    assert int(problem.answer[::-1]) == sum(numbers)
+    assert not problem.answer.startswith("0")  # a numeric match would not see a leading zero
+    mirrored = generate_reversed_addition(1, split="train" if split == "test" else split,
+                                          digits=digits, terms=terms, seed=seed)
+    assert split == "train" or sorted(operands(mirrored[0])) != sorted(numbers)
+
+
+def test_reversed_addition_rejects_bad_arguments():
+    for kwargs in ({"n": -1}, {"n": 1, "digits": 0}, {"n": 1, "terms": 1}, {"n": 1, "split": "dev"}):
+        with pytest.raises(ValueError, match="bad arguments"):
+            generate_reversed_addition(**kwargs)

@@ -8,23 +8,27 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from torchrl_r2vpo.envs.math_data import generate_problems
-from torchrl_r2vpo.envs.math_reward import math_reward
-from torchrl_r2vpo.modules.math_lm import (
-    DEFAULT_MAX_NEW_TOKENS,
-    DEFAULT_MODEL_PATH,
+from torchrl_r2vpo.math_task import (
+    ADDITION_MODEL_PATH,
     build_math_lm,
     build_math_tokenizer,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL_PATH,
     evaluate_accuracy,
+    evaluate_pass_at_k,
     format_prompt,
     format_target,
     generate_completions,
+    generate_problems,
+    generate_reversed_addition,
     left_padding_shift,
     load_math_lm,
-    main,
+    math_reward,
     sft_loss,
     warm_start,
 )
+from torchrl_r2vpo.math_task import EVAL_SEED
+from torchrl_r2vpo.math_task.__main__ import main
 
 ALPHABET = string.ascii_letters + string.digits + string.punctuation + " \n"
 
@@ -214,3 +218,32 @@ def test_main_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert "after:" in capsys.readouterr().out
     model, tokenizer = load_math_lm(out)
     assert model.config.hidden_size == 32 and len(tokenizer) == 100
+
+
+def test_reversed_addition_warm_start_is_deterministic_and_stops_early(tmp_path, capsys):
+    args = ["--task", "reversed-addition", "--difficulty", "2", "--steps", "40", "--train-size", "256",
+            "--eval-size", "16", "--hidden-size", "32", "--layers", "1", "--batch-size", "8",
+            "--check-every", "10"]
+    main(["--out", str(tmp_path / "a"), *args, "--stop-at-sampled-accuracy", "1e-9"])
+    printed = capsys.readouterr().out
+    assert "pass@8" in printed and "test split, 2 digits" in printed
+    # no sampled answer of the tiny model is right yet: the check runs every 10 steps to the end
+    assert printed.count("sampled held-out accuracy") == 4 and "40 steps" in printed
+    main(["--out", str(tmp_path / "b"), *args, "--stop-at-sampled-accuracy", "1e-9"])
+    capsys.readouterr()
+    files = ("model.safetensors", "tokenizer.json", "config.json")
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+
+
+def test_a_stop_accuracy_is_for_the_procedural_task(tmp_path):
+    with pytest.raises(SystemExit, match="reversed-addition"):
+        main(["--out", str(tmp_path), "--stop-at-sampled-accuracy", "0.3", "--steps", "1"])
+
+
+def test_shipped_procedural_checkpoint_has_headroom():
+    model, tokenizer = load_math_lm(ADDITION_MODEL_PATH)
+    problems = generate_reversed_addition(256, split="test", seed=EVAL_SEED)
+    greedy = evaluate_accuracy(model, tokenizer, problems, greedy=True)
+    sampled = evaluate_accuracy(model, tokenizer, problems, greedy=False)
+    assert 0.2 <= sampled <= 0.45 and greedy >= sampled + 0.1
+    assert evaluate_pass_at_k(model, tokenizer, problems, 8) >= sampled + 0.3

@@ -11,7 +11,7 @@ import sympy
 import sympy.parsing.sympy_parser
 from hypothesis import given, settings, strategies as st
 
-from torchrl_r2vpo.envs.math_reward import (
+from torchrl_r2vpo.math_task.reward import (
     _run_with_timeout,
     answers_match,
     extract_answer,

@@ -11,23 +11,14 @@ from torchrl.envs.utils import check_env_specs, step_mdp
 from torchrl.modules.llm import TransformersWrapper
 from torchrl.objectives.llm import GRPOLoss
 
-from torchrl_r2vpo.collectors import (
-    collect_batch,
-    group_advantages,
-    staleness_stats,
-    stop_token_ids,
-    TransformersBackend,
-)
-from torchrl_r2vpo.envs import (
-    generate_problems,
-    NextTokenActor,
-    sequences_from_rollout,
-    TokenGenerationEnv,
-)
-from torchrl_r2vpo.modules.math_lm import (
+from torchrl_r2vpo.collectors import collect_batch, stop_token_ids, TransformersBackend
+from torchrl_r2vpo.data import group_advantages, staleness_stats
+from torchrl_r2vpo.envs import next_token_actor, sequences_from_rollout, TokenGenerationEnv
+from torchrl_r2vpo.math_task import (
     build_math_lm,
     build_math_tokenizer,
     format_prompt,
+    generate_problems,
     load_math_lm,
 )
 
@@ -154,7 +145,7 @@ def test_token_by_token_and_fast_path_agree(tokenizer, shipped):
     assert len(set(lengths.tolist())) > 1 and fast["next", "reward"].sum() > 0
     # replay the fast path's tokens through the MDP: the actor's log-probs of those tokens
     env.load_state_dict({k: torch.zeros_like(v) for k, v in env.state_dict().items()})
-    actor = NextTokenActor(model, env)
+    actor = next_token_actor(model, env)
     width = env.max_prompt_length
     response = fast["tokens", "response"]
     td, steps = env.reset(), []
@@ -180,7 +171,7 @@ def test_token_by_token_and_fast_path_agree(tokenizer, shipped):
 
 def test_a_rollout_gives_each_row_the_reward_it_ended_with(tokenizer, shipped):
     env = make_env(tokenizer, n=48, num_prompts=8, group_size=4)
-    actor = NextTokenActor(shipped, env)
+    actor = next_token_actor(shipped, env)
     torch.manual_seed(2)
     with torch.no_grad():
         rollout = env.rollout(MAX_NEW, actor, break_when_any_done=False, break_when_all_done=True)
@@ -242,7 +233,7 @@ def test_every_eos_id_of_the_generation_config_ends_a_completion(tokenizer, mode
 
 def test_actor_rollout_gives_the_sequence_layout(tokenizer, model):
     env = make_env(tokenizer)
-    rollout = env.rollout(MAX_NEW, NextTokenActor(model, env), break_when_any_done=False,
+    rollout = env.rollout(MAX_NEW, next_token_actor(model, env), break_when_any_done=False,
                           break_when_all_done=True)
     seq = sequences_from_rollout(rollout, env)
     width = env.max_prompt_length

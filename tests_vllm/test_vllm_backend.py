@@ -22,7 +22,7 @@ with warnings.catch_warnings():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-    from torchrl_r2vpo.collectors.llm_rollout import VLLMBackend
+    from torchrl_r2vpo.collectors import VLLMBackend
 
 # vLLM emits FutureWarnings etc. on import and engine start
 pytestmark = pytest.mark.filterwarnings("ignore")

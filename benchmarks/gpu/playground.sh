@@ -25,7 +25,7 @@ mkdir -p "$out"
 
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MUJOCO_GL=disable \
     XLA_PYTHON_CLIENT_PREALLOCATE=false
-if ! python3 -c "import mujoco_playground, torchrl" 2>/dev/null; then
+if ! python3 -c "import mujoco_playground, torchrl, tyro" 2>/dev/null; then
     if ! compgen -G ".whl/*.whl" >/dev/null; then
         echo "no wheels in .whl/: fill it with benchmarks/gpu/wheels.sh and carry it" | tee "$out/log.txt"
         exit 1

@@ -1,25 +1,26 @@
-"""What feeds the losses: language-model rollouts and staleness statistics for replay."""
+"""Language-model rollout backends (transformers, vLLM) that complete a batch of prompts."""
 
 from __future__ import annotations
 
-from torchrl_r2vpo.collectors.llm_rollout import (
+from torchrl_r2vpo._deprecation import moved
+from torchrl_r2vpo.collectors.llm import (
     collect_batch,
-    group_advantages,
     response_log_probs,
-    sequence_batch,
     stop_token_ids,
     TransformersBackend,
     VLLMBackend,
 )
-from torchrl_r2vpo.collectors.replay import staleness_stats
 
 __all__ = [
     "TransformersBackend",
     "VLLMBackend",
     "collect_batch",
-    "group_advantages",
     "response_log_probs",
-    "sequence_batch",
-    "staleness_stats",
     "stop_token_ids",
 ]
+
+__getattr__ = moved(__name__, {
+    "group_advantages": "torchrl_r2vpo.data",
+    "sequence_batch": "torchrl_r2vpo.data",
+    "staleness_stats": "torchrl_r2vpo.data",
+})

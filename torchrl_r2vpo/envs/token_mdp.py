@@ -7,9 +7,9 @@ sequence ends (EOS or ``max_new_tokens``), then the verifier's score of the deco
 completion. Each batch holds ``num_prompts`` prompts repeated ``group_size`` times in a
 row, so group-relative advantages can be taken over the repeats of one prompt.
 
-Any TorchRL policy rolls it out token by token (:class:`NextTokenActor` wraps a causal
-language model); :mod:`torchrl_r2vpo.collectors.llm_rollout` generates whole completions
-in one call and writes the same sequence layout.
+Any TorchRL policy rolls it out token by token (:func:`next_token_actor` wraps a causal
+language model); :mod:`torchrl_r2vpo.collectors.llm` generates whole completions
+in one call and writes the same sequence layout (:mod:`torchrl_r2vpo.data.llm`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from torchrl.data import Binary, Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 from torchrl.modules import ProbabilisticActor
 
-from torchrl_r2vpo.envs.math_reward import math_reward
+from torchrl_r2vpo.data.llm import sequence_batch
+from torchrl_r2vpo.math_task.reward import math_reward
 
-__all__ = ["NextTokenActor", "TokenGenerationEnv", "sequences_from_rollout"]
+__all__ = ["TokenGenerationEnv", "next_token_actor", "sequences_from_rollout"]
 
 
 class TokenGenerationEnv(EnvBase):
@@ -66,7 +67,7 @@ class TokenGenerationEnv(EnvBase):
             generation config lists several EOS ids (chat models).
 
     Examples:
-        >>> from torchrl_r2vpo.modules.math_lm import build_math_tokenizer
+        >>> from torchrl_r2vpo.math_task import build_math_tokenizer
         >>> tokenizer = build_math_tokenizer()
         >>> env = TokenGenerationEnv(["1 + 1 = "], ["2"], tokenizer, num_prompts=1, group_size=2,
         ...                          max_new_tokens=3)
@@ -244,7 +245,7 @@ class _NextTokenLogits(nn.Module):
         return logits[torch.arange(len(tokens), device=logits.device), last].float()
 
 
-def NextTokenActor(model: nn.Module, env: TokenGenerationEnv, *, temperature: float = 1.0) -> ProbabilisticActor:
+def next_token_actor(model: nn.Module, env: TokenGenerationEnv, *, temperature: float = 1.0) -> ProbabilisticActor:
     """A TorchRL policy sampling the next token from a causal LM: ``action``, ``action_log_prob``.
 
     The model sees the whole buffer (future slots are masked out), so the log-probability
@@ -269,7 +270,7 @@ def sequences_from_rollout(rollout: TensorDictBase, env: TokenGenerationEnv) -> 
 
     The layout is the one TorchRL's LLM losses read (``("tokens", "full")``,
     ``("masks", "all_attention_mask")``, ``("log_probs", "full")``, ...); see
-    :func:`torchrl_r2vpo.collectors.llm_rollout.sequence_batch`. Each row's reward is
+    :func:`torchrl_r2vpo.data.sequence_batch`. Each row's reward is
     the one of the step that ended it (``env.rollout(..., break_when_all_done=True)``
     repeats a finished row's last transition, reward included, until all are done).
 
@@ -277,8 +278,6 @@ def sequences_from_rollout(rollout: TensorDictBase, env: TokenGenerationEnv) -> 
         ValueError: a completion has not ended at the last step (TorchRL's default
             ``break_when_any_done=True`` stops at the first one that ends).
     """
-    from torchrl_r2vpo.collectors.llm_rollout import sequence_batch
-
     done = rollout["next", "done"].reshape(rollout.shape)
     if not done[:, -1].all():
         raise ValueError(

@@ -13,7 +13,8 @@ from tensordict.utils import NestedKey
 from torchrl.objectives import LossModule
 from torchrl.trainers import Trainer, TrainerHookBase
 
-from torchrl_r2vpo.objectives.llm import merge_ratio_stats
+from torchrl_r2vpo._compat import accumulation_window_closed, optimizer_step_count
+from torchrl_r2vpo.objectives.ratio_variance import RatioStats
 
 __all__ = ["DualVariableScheduler", "DualVariableSchedulerHook"]
 
@@ -44,6 +45,20 @@ class DualVariableScheduler:
     scheduler owns the rule and its own small state (the previous violation
     and counters), saved by :meth:`state_dict`.
 
+    **What the scheduler reads on the loss** (the
+    :class:`~torchrl_r2vpo.objectives.ratio_variance.LagrangianLoss` protocol, which
+    every R2VPO loss implements):
+
+    * ``lagrange_multiplier``: the scalar buffer ``lambda``, updated in place;
+    * ``ratio_var_target``: the target ``delta``, read at each step unless ``target``
+      is given;
+    * ``last_ratio_var``: the statistic of the last forward call, read by
+      :meth:`step` without argument;
+    * ``last_ratio_stats`` and ``variance_center`` (read by
+      :class:`DualVariableSchedulerHook` only): the
+      :class:`~torchrl_r2vpo.objectives.ratio_variance.RatioStats` of the last
+      forward call, pooled over the micro-batches of an optimiser step.
+
     A non-finite statistic leaves ``lambda`` unchanged, is counted in
     ``num_skipped`` and is reported with a :class:`RuntimeWarning`. In fixed
     mode the statistic is recorded and ``lambda`` is never touched.
@@ -65,14 +80,16 @@ class DualVariableScheduler:
             Stale replayed data can hold the variance above any reachable
             target, in which case plain ascent grows ``lambda`` without bound;
             set this in such settings. Defaults to ``None`` (no bound).
-        multiplier_name (str, optional): the buffer name on the loss. Defaults
-            to ``"lagrange_multiplier"``.
-        target_name (str, optional): the loss attribute holding ``delta``.
-            Defaults to ``"ratio_var_target"``.
         statistic_key (NestedKey, optional): the entry read when :meth:`step`
             receives the loss's output TensorDict. Defaults to ``"ratio_var"``.
-        last_statistic_name (str, optional): the loss attribute read when
-            :meth:`step` receives nothing. Defaults to ``"last_ratio_var"``.
+        last_statistic_name (str, optional): schedules on another statistic
+            the loss records: the name of the loss attribute :meth:`step` reads
+            when it receives nothing, instead of ``last_ratio_var``. Defaults to
+            ``None`` (``last_ratio_var``).
+        multiplier_name (str, optional): deprecated; a loss exposes its
+            multiplier as ``lagrange_multiplier``.
+        target_name (str, optional): deprecated; a loss exposes its target as
+            ``ratio_var_target``.
 
     Examples:
         >>> import torch
@@ -101,16 +118,19 @@ class DualVariableScheduler:
         target: float | None = None,
         min_value: float = 0.0,
         max_value: float | None = None,
-        multiplier_name: str = "lagrange_multiplier",
-        target_name: str = "ratio_var_target",
         statistic_key: NestedKey = "ratio_var",
-        last_statistic_name: str = "last_ratio_var",
+        last_statistic_name: str | None = None,
+        multiplier_name: str | None = None,
+        target_name: str | None = None,
     ) -> None:
-        multiplier = getattr(loss_module, multiplier_name, None)
+        if multiplier_name is None:
+            multiplier = getattr(loss_module, "lagrange_multiplier", None)
+        else:
+            multiplier = getattr(loss_module, multiplier_name, None)
         if not isinstance(multiplier, torch.Tensor):
             raise AttributeError(
                 f"{type(loss_module).__name__} has no tensor attribute "
-                f"{multiplier_name!r} to schedule (multiplier_name)."
+                f"{multiplier_name or 'lagrange_multiplier'!r} to schedule."
             )
         for name, value in (("lr", lr), ("proportional_gain", proportional_gain)):
             if not (value >= 0 and math.isfinite(value)):
@@ -122,11 +142,11 @@ class DualVariableScheduler:
                 f"max_value ({max_value}) must be >= min_value ({min_value})."
             )
         if target is None and not isinstance(
-            getattr(loss_module, target_name, None), torch.Tensor
+            getattr(loss_module, target_name or "ratio_var_target", None), torch.Tensor
         ):
             raise AttributeError(
-                f"{type(loss_module).__name__} has no attribute {target_name!r}: "
-                "pass target= explicitly."
+                f"{type(loss_module).__name__} has no attribute "
+                f"{target_name or 'ratio_var_target'!r}: pass target= explicitly."
             )
         if target is not None and not (target >= 0 and math.isfinite(target)):
             raise ValueError(f"target must be a finite number >= 0, got {target}.")
@@ -136,10 +156,23 @@ class DualVariableScheduler:
         self.target = target
         self.min_value = min_value
         self.max_value = max_value
-        self.multiplier_name = multiplier_name
-        self.target_name = target_name
         self.statistic_key = statistic_key
+        if last_statistic_name == "last_ratio_var":
+            last_statistic_name = None
         self.last_statistic_name = last_statistic_name
+        self._multiplier_name = multiplier_name
+        self._target_name = target_name
+        for name, value, replacement in (
+            ("multiplier_name", multiplier_name, "lagrange_multiplier"),
+            ("target_name", target_name, "ratio_var_target"),
+        ):
+            if value is not None:
+                warnings.warn(
+                    f"DualVariableScheduler({name}=...) is deprecated: the scheduler reads "
+                    f"the loss's {replacement!r} (the LagrangianLoss protocol).",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
         self._init_multiplier = multiplier.detach().clone()
         self._reset_counters()
 
@@ -151,8 +184,17 @@ class DualVariableScheduler:
 
     @property
     def multiplier(self) -> torch.Tensor:
-        """The loss's multiplier buffer (updated in place)."""
-        return getattr(self.loss_module, self.multiplier_name)
+        """The loss's multiplier buffer, ``lagrange_multiplier`` (updated in place)."""
+        if self._multiplier_name is not None:
+            return getattr(self.loss_module, self._multiplier_name)
+        return self.loss_module.lagrange_multiplier
+
+    @property
+    def reads_ratio_variance(self) -> bool:
+        """Whether :meth:`step` without argument reads the loss's ratio variance
+        (``last_ratio_var``), so that the loss's ``last_ratio_stats`` can stand in for
+        it (not when ``last_statistic_name`` names another statistic)."""
+        return self.last_statistic_name is None
 
     @property
     def fixed(self) -> bool:
@@ -162,17 +204,20 @@ class DualVariableScheduler:
     def _current_target(self) -> float:
         if self.target is not None:
             return self.target
-        return float(getattr(self.loss_module, self.target_name))
+        if self._target_name is not None:
+            return float(getattr(self.loss_module, self._target_name))
+        return float(self.loss_module.ratio_var_target)
 
     def _read_statistic(
         self, statistic: float | torch.Tensor | TensorDictBase | None
     ) -> float:
         if statistic is None:
-            statistic = getattr(self.loss_module, self.last_statistic_name, None)
+            name = self.last_statistic_name or "last_ratio_var"
+            statistic = getattr(self.loss_module, name, None)
             if statistic is None:
                 raise AttributeError(
                     f"{type(self.loss_module).__name__} records no "
-                    f"{self.last_statistic_name!r}: pass the statistic to step()."
+                    f"{name!r}: pass the statistic to step()."
                 )
         elif is_tensor_collection(statistic):  # a TensorDict or a tensorclass (LLM losses)
             value = statistic.get(self.statistic_key, None)
@@ -200,7 +245,8 @@ class DualVariableScheduler:
             statistic (float, Tensor or TensorDictBase, optional): the measured
                 ratio variance, or the loss output (TensorDict or tensorclass) holding it under
                 ``statistic_key``. ``None`` reads the last value the loss
-                recorded (``loss.last_ratio_var``).
+                recorded (``loss.last_ratio_var``, or the attribute named by
+                ``last_statistic_name``).
 
         Returns:
             A detached copy of the multiplier after the update.
@@ -216,7 +262,7 @@ class DualVariableScheduler:
             self.num_skipped += 1
             warnings.warn(
                 f"DualVariableScheduler: non-finite ratio statistic or update "
-                f"(statistic {value}); {self.multiplier_name} left at "
+                f"(statistic {value}); {self._multiplier_name or 'lagrange_multiplier'} left at "
                 f"{float(self.multiplier):.6g} ({self.num_skipped} skipped step(s) so "
                 "far). A NaN before the loss's first forward call is expected.",
                 RuntimeWarning,
@@ -274,7 +320,7 @@ class DualVariableSchedulerHook(TrainerHookBase):
             accumulation (an ``optimization_stepper`` with
             ``gradient_accumulation_steps > 1``) that is the ratio variance of
             all the step's micro-batches together, pooled exactly from the
-            loss's ``last_ratio_sums`` (a window the stepper drops, for a
+            loss's ``last_ratio_stats`` (a window the stepper drops, for a
             non-finite loss or gradient, is dropped from it too), and ``lambda``
             stays fixed within the step. A scheduler reading another statistic
             (``last_statistic_name``) is stepped on that one. Defaults to
@@ -313,19 +359,16 @@ class DualVariableSchedulerHook(TrainerHookBase):
         self.interval = interval
         self._trainer_ref: weakref.ReferenceType[Trainer] | None = None
         self._last_optim_count = 0
-        self._micro_batch_sums: list[torch.Tensor] = []  # of the optimiser step under way
+        # the packed RatioStats of the micro-batches of the optimiser step under way
+        self._micro_batch_sums: list[torch.Tensor] = []
 
     def _optimised_since_last_call(self) -> bool:
         trainer = self._trainer_ref() if self._trainer_ref is not None else None
         if trainer is None:
             return True
-        stepper = getattr(trainer, "optimization_stepper", None)
-        count = getattr(stepper, "optimizer_step_count", None)
-        if count is None:
-            count = trainer._optim_count
+        count = optimizer_step_count(trainer)
         if count == self._last_optim_count:
-            micro_step = getattr(stepper, "_micro_step", None)
-            if micro_step is not None and micro_step % getattr(stepper, "gradient_accumulation_steps", 1) == 0:
+            if accumulation_window_closed(trainer):
                 # the accumulation window ended without an optimiser step (a non-finite loss
                 # or gradient): its micro-batches' statistics go with their gradients
                 self._micro_batch_sums.clear()
@@ -343,21 +386,18 @@ class DualVariableSchedulerHook(TrainerHookBase):
                 self.scheduler.step(average_losses)
             return
         loss = self.scheduler.loss_module
-        sums = getattr(loss, "last_ratio_sums", None)
-        if sums is not None and self.scheduler.last_statistic_name == "last_ratio_var":
-            self._micro_batch_sums.append(sums.detach().clone())
+        if self.scheduler.reads_ratio_variance:
+            stats = getattr(loss, "last_ratio_stats", None)  # optional in the protocol
+            if stats is not None:
+                self._micro_batch_sums.append(stats.pack())
         if not self._optimised_since_last_call():
             return  # a micro-batch whose gradient is still being accumulated
-        if not self._micro_batch_sums:  # a loss without the sums: its last statistic
+        if not self._micro_batch_sums:  # a loss without the statistics: its last statistic
             self.scheduler.step()
             return
-        count, ratio_sum, ratio_sq_sum = torch.stack(self._micro_batch_sums).sum(0)
+        pooled = RatioStats.unpack(torch.stack(self._micro_batch_sums).sum(0))
         self._micro_batch_sums.clear()
-        pooled = merge_ratio_stats(
-            [{"num_tokens": count, "ratio_sum": ratio_sum, "ratio_sq_sum": ratio_sq_sum}],
-            variance_center=loss.variance_center,
-        )
-        self.scheduler.step(pooled["ratio_var"])
+        self.scheduler.step(pooled.variance(loss.variance_center))
 
     def state_dict(self) -> dict[str, Any]:
         # an accumulation window may span two batches: its statistics so far are kept too
@@ -370,7 +410,7 @@ class DualVariableSchedulerHook(TrainerHookBase):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scheduler.load_state_dict(state_dict["scheduler"])
         self._last_optim_count = state_dict["last_optim_count"]
-        device = getattr(self.scheduler.loss_module, "last_ratio_sums", torch.empty(0)).device
+        device = self.scheduler.multiplier.device
         self._micro_batch_sums = [sums.to(device) for sums in state_dict.get("micro_batch_sums", [])]
 
     def register(self, trainer: Trainer, name: str = "dual_variable_scheduler") -> None:

@@ -2,143 +2,36 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Literal
 
 import torch
 from tensordict import is_tensor_collection, TensorDict, TensorDictBase
 from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
-from tensordict.utils import expand_as_right
-from torchrl.modules.distributions.utils import is_dynamo_compiling
-from torchrl.objectives import LossModule, PPOLoss
-from torchrl.objectives.ppo import (
-    _broadcast_advantage_to_log_weight,
-    _check_advantage_broadcast,
+from torchrl.objectives import PPOLoss
+
+from torchrl_r2vpo._compat import (
+    broadcast_advantage_to_log_weight,
+    check_advantage_broadcast,
+    input_validity_mask,
+    is_dynamo_compiling,
+    maybe_get_or_select,
+    maybe_normalize_advantage,
+    ppo_log_weight,
+    reduce_loss,
+    sum_td_features,
 )
-from torchrl.objectives.utils import _maybe_get_or_select, _sum_td_features
+from torchrl_r2vpo.objectives.ratio_variance import (
+    at_least_float32,
+    LagrangianMixin,
+    masked_mean,
+    RatioStats,
+    reject_unknown_kwargs,
+)
 
 __all__ = ["R2VPOLoss"]
 
-_VARIANCE_CENTERS = ("mean", "one")
-_NON_NEGATIVE_COEFFS = ("lagrange_multiplier", "ratio_var_target")
-_DUAL_BUFFERS = (*_NON_NEGATIVE_COEFFS, "last_ratio_var", "last_ratio_sums")
 
-
-def masked_mean(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of ``value`` over the positions where ``mask`` is ``True`` (all if ``None``).
-
-    Masked-out positions are selected away, not multiplied by zero, so that
-    non-finite padding cannot leak into the result.
-    """
-    if mask is None:
-        return value.mean()
-    value = torch.where(mask, value, torch.zeros_like(value))
-    return value.sum() / mask.sum().clamp_min(1)
-
-
-def _loss_validity_mask(loss: LossModule, tensordict: TensorDictBase,
-                        like: torch.Tensor) -> torch.Tensor | None:
-    """The validity masks ``loss._reduce_loss`` applies (its ``loss_mask_key``: by default
-    ``("collector", "mask")`` and ``"shifted_valid"``), expanded to ``like``; ``None`` if the
-    input has none."""
-    mask = None
-    for key in loss._loss_mask_keys():
-        entry = tensordict.get(key, default=None)
-        if entry is not None:
-            entry = loss._expand_loss_mask(entry, like)
-            mask = entry if mask is None else mask & entry
-    return mask
-
-
-class _LagrangianMixin:
-    """The state R2VPO losses share: lambda and delta as float buffers (they follow ``.to()``
-    and ``state_dict()``), their validation on assignment, and the last measured variance."""
-
-    @staticmethod
-    def _check_dual_arguments(ratio_var_target: float | None, kl_target: float | None,
-                              lagrange_multiplier: float, variance_center: str) -> float:
-        """Validates the arguments and returns delta (``2 * kl_target`` when that is given)."""
-        if ratio_var_target is not None and kl_target is not None:
-            raise ValueError(
-                "Pass either ratio_var_target or kl_target (which sets "
-                "ratio_var_target = 2 * kl_target), not both."
-            )
-        if kl_target is not None:
-            _check_non_negative("kl_target", kl_target)
-            ratio_var_target = 2.0 * kl_target
-        elif ratio_var_target is None:
-            ratio_var_target = 0.02
-        _check_non_negative("ratio_var_target", ratio_var_target)
-        _check_non_negative("lagrange_multiplier", lagrange_multiplier)
-        if variance_center not in _VARIANCE_CENTERS:
-            raise ValueError(
-                f"variance_center must be one of {_VARIANCE_CENTERS}, got {variance_center!r}."
-            )
-        return ratio_var_target
-
-    def _register_dual_buffers(self, ratio_var_target: float, lagrange_multiplier: float,
-                               device: torch.device | None) -> None:
-        dtype = torch.get_default_dtype()
-        self.register_coeff_buffer(
-            "ratio_var_target", float(ratio_var_target), device=device, dtype=dtype
-        )
-        self.register_coeff_buffer(
-            "lagrange_multiplier", float(lagrange_multiplier), device=device, dtype=dtype
-        )
-        # The statistic a DualVariableScheduler reads when stepped without one, and the
-        # count, sum and sum of squares of the ratio it came from (float64), which pool
-        # exactly over gradient-accumulation micro-batches (DualVariableSchedulerHook).
-        # Not persistent: by-products of the last forward call, not state.
-        self.register_buffer(
-            "last_ratio_var", torch.full((), float("nan"), device=device), persistent=False
-        )
-        self.register_buffer(
-            "last_ratio_sums", torch.zeros(3, dtype=torch.float64, device=device), persistent=False
-        )
-        self._lagrange_multiplier_init = float(lagrange_multiplier)
-
-    def _apply(self, fn, *args, **kwargs):
-        # lambda, delta and the recorded statistics keep float32 (or wider) when the module
-        # goes to half precision: a dual step of 1e-3 vanishes against lambda = 1 in bfloat16
-        kept = {name: self._buffers[name] for name in _DUAL_BUFFERS if name in self._buffers}
-        module = super()._apply(fn, *args, **kwargs)
-        for name, before in kept.items():
-            after = self._buffers[name]
-            if after.dtype in (torch.float16, torch.bfloat16):
-                self._buffers[name] = before.to(after.device, torch.promote_types(before.dtype, torch.float32))
-            elif name == "last_ratio_sums" and after.dtype != before.dtype:  # sums stay float64
-                self._buffers[name] = before.to(after.device)
-        return module
-
-    @torch.no_grad()
-    def _record_ratio_stats(self, ratio_var: torch.Tensor, sums: dict[str, torch.Tensor]) -> None:
-        """Records ``ratio_var`` and the :func:`_ratio_sums` it came from."""
-        self.last_ratio_var.copy_(ratio_var)
-        self.last_ratio_sums.copy_(torch.stack(
-            [sums[key].to(torch.float64) for key in ("num_tokens", "ratio_sum", "ratio_sq_sum")]))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        for name in _NON_NEGATIVE_COEFFS:
-            value = state_dict.get(prefix + name)
-            if isinstance(value, torch.Tensor) and value.numel() == 1:
-                _check_non_negative(f"{prefix}{name} in the state_dict", float(value))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _NON_NEGATIVE_COEFFS and isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}.")
-            value = value.item()  # then copied into the buffer, keeping its device and dtype
-        if name in _NON_NEGATIVE_COEFFS and isinstance(value, (int, float)):
-            _check_non_negative(name, value)
-        super().__setattr__(name, value)
-
-    def reset(self) -> None:
-        """Restores the initial Lagrange multiplier."""
-        self.lagrange_multiplier = self._lagrange_multiplier_init
-
-
-class R2VPOLoss(_LagrangianMixin, PPOLoss):
+class R2VPOLoss(LagrangianMixin, PPOLoss):
     r"""Ratio-Variance Regularized Policy Optimization (R2VPO) loss.
 
     R2VPO replaces PPO's ratio clipping by a constraint on the variance of the
@@ -195,14 +88,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             ``2 * kl_target``. Exclusive with ``ratio_var_target``.
         lagrange_multiplier (float, optional): the initial multiplier ``lambda``.
             A sample's push stops at ``r - rbar = A / (2 * lambda)``. Defaults
-            to ``0.5``: in 100k frames of walker-walk with
-            ``examples/dmc_walker.py`` (one seed) it held the mean ratio
-            variance at 0.017 (a KL near 0.01), where ``2.5`` (the SPO-like
-            value matching a 0.2 clip for unit advantages) held it at 0.002 and
-            barely moved the policy. Over 1M frames (3 seeds) ``1.0`` did better
-            on walker-walk and as well on cheetah-run, and ``0.5`` took updates
-            of 3x PPO's KL on walker-walk; ``benchmarks/README.md`` has the
-            measurements.
+            to ``0.5``.
         variance_center (str, optional): ``"mean"`` (centre on the detached batch
             mean of the ratio) or ``"one"``. Defaults to ``"mean"``.
         diagnostic_clip_epsilon (float, optional): the band ``[1 - eps, 1 + eps]``
@@ -241,9 +127,12 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
 
     Each call also records ``ratio_var`` in the ``last_ratio_var`` buffer, which a
     scheduler stepped without argument reads, and the count, sum and sum of squares
-    of the ratio in ``last_ratio_sums`` (float64), which
+    of the ratio as ``last_ratio_stats`` (a
+    :class:`~torchrl_r2vpo.objectives.ratio_variance.RatioStats`, float64), which
     :class:`~torchrl_r2vpo.DualVariableSchedulerHook` pools over the micro-batches
-    of a gradient-accumulation step; neither is saved in the ``state_dict``.
+    of a gradient-accumulation step; neither is saved in the ``state_dict``. The
+    loss implements :class:`~torchrl_r2vpo.objectives.ratio_variance.LagrangianLoss`,
+    the protocol the scheduler reads.
 
     Examples:
         >>> import torch
@@ -273,8 +162,6 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
         True
     """
 
-    _schedulable_buffers = frozenset(_NON_NEGATIVE_COEFFS)
-
     def __init__(
         self,
         actor_network: ProbabilisticTensorDictSequential | None = None,
@@ -302,7 +189,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
                 f"diagnostic_clip_epsilon must lie in (0, 1), got {diagnostic_clip_epsilon}."
             )
         super().__init__(actor_network, critic_network, device=device, **kwargs)
-        _reject_unknown_kwargs(type(self).__name__, PPOLoss, kwargs)
+        reject_unknown_kwargs(type(self).__name__, PPOLoss, kwargs)
         if device is None:
             device = self.entropy_coeff.device
         self._register_dual_buffers(ratio_var_target, lagrange_multiplier, device)
@@ -344,7 +231,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
         # PPOLoss masks with "shifted_valid" only, and multiplies (inf * 0 = nan):
         # standardise over every validity mask, exactly as on the valid positions
         # alone (mean, unbiased std), selecting padding away
-        mask = _loss_validity_mask(self, tensordict, advantage)
+        mask = input_validity_mask(self, tensordict, advantage)
         if mask is None:
             return super()._standardize_advantage(advantage, tensordict)
         exclude = {d % advantage.ndim for d in self.normalize_advantage_exclude_dims}
@@ -383,9 +270,9 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
                 f"(key {self.tensor_keys.reward!r}) and the critic's values."
             )
         key = self.tensor_keys.sample_log_prob
-        stored = _maybe_get_or_select(tensordict, key, log_weight.shape[:-1])
+        stored = maybe_get_or_select(tensordict, key, log_weight.shape[:-1])
         if is_tensor_collection(stored):
-            stored = _sum_td_features(stored)
+            stored = sum_td_features(stored)
         if not all_finite(stored.reshape(log_weight.shape)):
             raise ValueError(
                 f"The behaviour log-probability (key {key!r}) holds NaN or inf at "
@@ -416,7 +303,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
         value the critic predicted in :meth:`loss_critic`."""
         target = tensordict.get(self.tensor_keys.value_target)
         value, self._critic_prediction = self._critic_prediction, None
-        mask = _loss_validity_mask(self, tensordict, target)
+        mask = input_validity_mask(self, tensordict, target)
 
         def variance(x):
             return masked_mean((x - masked_mean(x, mask)).pow(2), mask)
@@ -443,21 +330,21 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
                 target_params=self.target_critic_network_params,
             )
             advantage = tensordict.get(self.tensor_keys.advantage)
-        advantage = self._maybe_normalize_advantage(
-            advantage, tensordict, update_norm=update_norm
+        advantage = maybe_normalize_advantage(
+            self, advantage, tensordict, update_norm=update_norm
         )
 
-        log_weight, dist, kl_approx, log_is_weight = self._log_weight(
-            tensordict, adv_shape=advantage.shape[:-1]
+        log_weight, dist, kl_approx, log_is_weight = ppo_log_weight(
+            self, tensordict, adv_shape=advantage.shape[:-1]
         )
-        # the ratio and its variance in float32 at least (bfloat16 ratios make ratio_var
-        # tens of percent off, and the dual ascent reads it)
-        log_weight = _at_least_float32(log_weight)
+        # the ratio and its variance in float32 at least (bfloat16 ratios skew
+        # ratio_var, which the dual ascent reads)
+        log_weight = at_least_float32(log_weight)
         if log_is_weight is not None:
-            log_is_weight = _at_least_float32(log_is_weight)
-        advantage = _broadcast_advantage_to_log_weight(advantage, log_weight)
-        _check_advantage_broadcast(advantage, log_weight)
-        mask = _loss_validity_mask(self, tensordict, log_weight)
+            log_is_weight = at_least_float32(log_is_weight)
+        advantage = broadcast_advantage_to_log_weight(advantage, log_weight)
+        check_advantage_broadcast(advantage, log_weight)
+        mask = input_validity_mask(self, tensordict, log_weight)
         if mask is not None:
             # padding stays out of the backward pass too (0 * inf would be NaN there)
             log_weight = torch.where(mask, log_weight, 0)
@@ -489,7 +376,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             ratio_var = masked_mean(sq_dev.detach(), mask)
             if mask is not None:  # no valid position: no statistic
                 ratio_var = torch.where(mask.any(), ratio_var, float("nan"))
-            self._record_ratio_stats(ratio_var, _ratio_sums(ratio, mask))
+            self._record_ratio_stats(ratio_var, RatioStats.of(ratio, mask))
             td_out.set("ratio_var", ratio_var)
             td_out.set("lagrange_multiplier", self.lagrange_multiplier.detach().clone())
             td_out.set("kl_approx", masked_mean(kl_approx.detach(), mask))
@@ -497,7 +384,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
 
         if self.entropy_bonus:
             entropy = self._get_entropy(dist, adv_shape=advantage.shape[:-1])
-            summed = _sum_td_features(entropy) if is_tensor_collection(entropy) else entropy
+            summed = sum_td_features(entropy) if is_tensor_collection(entropy) else entropy
             if is_tensor_collection(entropy):
                 td_out.set("composite_entropy", entropy.detach())
             entropy_mask = None if mask is None else mask.reshape(summed.shape)
@@ -506,7 +393,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
         if self._has_critic:
             for key in (self.tensor_keys.value_target, self.tensor_keys.value):
                 value = tensordict.get(key, None)  # as the log-weight: padding holds 0
-                value_mask = None if value is None else _loss_validity_mask(self, tensordict, value)
+                value_mask = None if value is None else input_validity_mask(self, tensordict, value)
                 if value_mask is not None:
                     tensordict.set(key, torch.where(value_mask, value, 0))
             loss_critic, value_clip_fraction, explained_variance = self.loss_critic(
@@ -518,7 +405,7 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             if explained_variance is not None:  # over the valid positions, as the others
                 td_out.set("explained_variance", self._explained_variance(tensordict))
         td_out = td_out.named_apply(
-            lambda name, value: self._reduce_loss(value, tensordict).squeeze(-1)
+            lambda name, value: reduce_loss(self, value, tensordict).squeeze(-1)
             if name.startswith("loss_")
             else value,
         )
@@ -554,31 +441,3 @@ class R2VPOLoss(_LagrangianMixin, PPOLoss):
             "mean_ratio": masked_mean(ratio, mask),
             "max_ratio": ratio.max(),
         }
-
-
-def _reject_unknown_kwargs(name: str, base: type, kwargs: dict) -> None:
-    """TorchRL's losses take ``**kwargs`` and ignore what they do not know; a misspelt
-    argument here raises instead of leaving a default in place."""
-    known = inspect.signature(base.__init__).parameters
-    unknown = sorted(key for key in kwargs if key not in known)
-    if unknown:
-        raise TypeError(f"{name} got unexpected keyword argument(s): {', '.join(unknown)}.")
-
-
-def _ratio_sums(ratio: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """Detached sums of ``r`` and ``r^2`` over the valid positions (float64), and their count."""
-    valid = ratio.detach().to(torch.float64)
-    if mask is None:
-        count = valid.new_tensor(valid.numel())
-    else:
-        valid, count = torch.where(expand_as_right(mask, valid), valid, 0), mask.sum()
-    return {"ratio_sum": valid.sum(), "ratio_sq_sum": valid.pow(2).sum(), "num_tokens": count}
-
-
-def _at_least_float32(value: torch.Tensor) -> torch.Tensor:
-    return value.to(torch.promote_types(value.dtype, torch.float32))
-
-
-def _check_non_negative(name: str, value: float) -> None:
-    if not value >= 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}.")

@@ -20,11 +20,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal
 
-from torchrl_r2vpo.envs.math_reward import extract_answer
+from torchrl_r2vpo.math_task.reward import extract_answer
 
-__all__ = ["MathProblem", "generate_problems", "load_hf_math"]
+__all__ = ["EVAL_SEED", "MathProblem", "generate_problems", "generate_reversed_addition", "load_hf_math"]
 
 _TRAIN_PERCENT = 80
+
+EVAL_SEED = 1_000_003
+"""Seed of the held-out stream of :func:`generate_reversed_addition` in the warm start, the
+example and the benchmarks (training streams are seeded by the run's seed)."""
 _NAMES = ("Alice", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hiro")
 
 
@@ -70,9 +74,60 @@ def generate_problems(
     return problems
 
 
-def _split_of(question: str) -> str:
-    bucket = int.from_bytes(hashlib.sha256(_split_key(question).encode()).digest()[:8], "big") % 100
+def generate_reversed_addition(
+    n: int,
+    *,
+    split: Literal["train", "test"] = "train",
+    digits: int = 2,
+    terms: int = 2,
+    seed: int = 0,
+) -> list[MathProblem]:
+    """Draws ``n`` fresh sums of ``terms`` numbers of ``digits`` digits, answered reversed.
+
+    The question is ``"47+38="`` and the answer is the sum written least significant digit
+    first (``"58"`` for 85): the carry algorithm then runs in the order the answer is
+    written, so a small model can learn the skill itself rather than memorise facts. Each
+    draw is uniform over the operands; a set of operands belongs to the train or the test
+    split by a stable hash of its multiset (80/20), so neither order of a held-out pair is
+    ever trained on, and the two splits follow the same distribution otherwise. Sums that
+    end in 0 are redrawn: their reversed form would start with a 0 that a numeric
+    comparison (:func:`~torchrl_r2vpo.math_task.math_reward`) ignores.
+
+    The generator is a stream: every call with another ``seed`` draws other problems, so a
+    run can draw fresh ones for each iteration; the difficulty knobs are ``digits`` (the
+    longer the numbers, the longer the carry chains) and ``terms``. ``difficulty`` of each
+    problem is ``digits``.
+
+    Examples:
+        >>> problems = generate_reversed_addition(2, seed=0)
+        >>> [(p.question, p.answer) for p in problems]
+        [('69+29=', '89'), ('59+88=', '741')]
+        >>> problems == generate_reversed_addition(2, seed=0)
+        True
+    """
+    if n < 0 or split not in ("train", "test") or digits < 1 or terms < 2:
+        raise ValueError(f"bad arguments: n={n}, split={split!r}, digits={digits}, terms={terms}")
+    rng = random.Random(f"reversed-addition {seed}")
+    low, high = 10 ** (digits - 1), 10**digits - 1
+    problems: list[MathProblem] = []
+    while len(problems) < n:
+        operands = [rng.randint(low, high) for _ in range(terms)]
+        total = sum(operands)
+        key = f"reversed-addition {sorted(operands)}"
+        if total % 10 == 0 or _bucket_split(key) != split:
+            continue
+        question = "+".join(map(str, operands)) + "="
+        problems.append(MathProblem(question, str(total)[::-1], digits))
+    return problems
+
+
+def _bucket_split(key: str) -> str:
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 100
     return "train" if bucket < _TRAIN_PERCENT else "test"
+
+
+def _split_of(question: str) -> str:
+    return _bucket_split(_split_key(question))
 
 
 def _split_key(question: str) -> str:

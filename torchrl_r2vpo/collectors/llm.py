@@ -1,19 +1,4 @@
-"""Whole-completion rollouts for language models, in the layout TorchRL's LLM losses read.
-
-:func:`sequence_batch` defines the layout (batch ``[N]``, one row per completion):
-
-============================================  ==========================================
-``("tokens", "prompt")`` ``[N, P]``            prompt, left-padded
-``("tokens", "response")`` ``[N, T]``          completion, right-padded after EOS
-``("tokens", "full")`` ``[N, P + T]``          both
-``("masks", "all_attention_mask")``            prompt and completion tokens (EOS included)
-``("masks", "all_assistant_mask")``            completion tokens (EOS included)
-``("log_probs", "full")`` ``[N, P + T]``       behaviour log-probability of each
-                                               completion token, 0 elsewhere
-``("next", "reward")``, ``("next", "done")``   verifier score ``[N, 1]``; ``True``
-``"group"``, ``"problem_index"``               prompt index in the batch; in the dataset
-``"policy_version"``                           version of the policy that sampled it
-============================================  ==========================================
+"""Whole-completion rollouts for language models, in the layout of :mod:`torchrl_r2vpo.data.llm`.
 
 :class:`TransformersBackend` samples with ``transformers``' ``generate``;
 :class:`VLLMBackend` with vLLM (imported lazily). Both return behaviour log-probabilities
@@ -27,54 +12,18 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDictBase
 from torch import nn
+
+from torchrl_r2vpo.data.llm import sequence_batch
 
 __all__ = [
     "TransformersBackend",
     "VLLMBackend",
     "collect_batch",
-    "group_advantages",
     "response_log_probs",
-    "sequence_batch",
     "stop_token_ids",
 ]
-
-
-def sequence_batch(
-    *,
-    prompt: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response: torch.Tensor,
-    response_mask: torch.Tensor,
-    response_log_probs: torch.Tensor,
-    reward: torch.Tensor,
-    group: torch.Tensor,
-    problem_index: torch.Tensor,
-    policy_version: int = 0,
-) -> TensorDict:
-    """Assembles one row per completion in the layout of this module's docstring."""
-    n = prompt.shape[0]
-    prompt_mask, response_mask = prompt_mask.bool(), response_mask.bool()
-    return TensorDict(
-        {
-            ("tokens", "prompt"): prompt,
-            ("tokens", "response"): response,
-            ("tokens", "full"): torch.cat([prompt, response], -1),
-            ("masks", "all_attention_mask"): torch.cat([prompt_mask, response_mask], -1),
-            ("masks", "all_assistant_mask"): torch.cat(
-                [torch.zeros_like(prompt_mask), response_mask], -1),
-            ("log_probs", "full"): torch.cat(
-                [torch.zeros_like(prompt, dtype=torch.float), response_log_probs.float() * response_mask],
-                -1),
-            ("next", "reward"): reward.float().view(n, 1),
-            ("next", "done"): torch.ones(n, 1, dtype=torch.bool),
-            "group": group.view(n),
-            "problem_index": problem_index.view(n),
-            "policy_version": torch.full((n,), policy_version),
-        },
-        batch_size=[n],
-    )
 
 
 @torch.no_grad()
@@ -100,11 +49,11 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
 
     Chat models list several (Qwen2.5-Instruct ends a turn with ``<|im_end|>``, the
     tokenizer's EOS, and a document with ``<|endoftext|>``). vLLM stops on all of them by
-    itself; the backends, :func:`~torchrl_r2vpo.modules.math_lm.generate_completions` and
+    itself; the backends, :func:`~torchrl_r2vpo.math_task.generate_completions` and
     :class:`~torchrl_r2vpo.envs.TokenGenerationEnv` take this list so that they agree.
 
     Examples:
-        >>> from torchrl_r2vpo.modules.math_lm import load_math_lm
+        >>> from torchrl_r2vpo.math_task import load_math_lm
         >>> model, tokenizer = load_math_lm()
         >>> model.generation_config.eos_token_id = [2, 5]
         >>> stop_token_ids(model, tokenizer)
@@ -271,24 +220,6 @@ class VLLMBackend:
         finally:
             self.model.train(was_training)
         return response, mask, log_probs
-
-
-def group_advantages(reward: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """Group-relative advantages ``[N, 1, 1]``: each reward standardised within its group.
-
-    Rows are grouped ``group_size`` at a time in order (the repeats of one prompt), as
-    :class:`~torchrl_r2vpo.envs.TokenGenerationEnv` lays them out; the standard deviation
-    is the population one, as TorchRL's ``MCAdvantage``. A group whose rewards are all
-    equal gets advantage 0.
-
-    Examples:
-        >>> group_advantages(torch.tensor([1.0, 0.0, 1.0, 1.0]), 2).view(-1).tolist()
-        [1.0, -1.0, 0.0, 0.0]
-    """
-    grouped = reward.float().reshape(-1, group_size)
-    std = grouped.std(-1, correction=0, keepdim=True)
-    advantage = (grouped - grouped.mean(-1, keepdim=True)) / std.clamp_min(eps)
-    return advantage.reshape(-1, 1, 1)
 
 
 def collect_batch(env, backend, *, policy_version: int = 0) -> TensorDictBase:

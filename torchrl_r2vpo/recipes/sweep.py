@@ -1,31 +1,41 @@
-"""What the benchmark scripts share: running an example resumably and reading its curve."""
+"""Sweeps over an example's settings and seeds: each run a resumable subprocess with its own
+``--out`` directory, and its learning curve read back as numbers.
+
+Examples:
+    >>> import numpy as np
+    >>> first_reach(np.array([1e5, 2e5, 3e5]), np.array([100.0, 450.0, 700.0]), level=400)
+    200000.0
+"""
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from torchrl_r2vpo.recipes.run_state import read_curve
 
-def read_curve(run_dir: Path) -> list[dict[str, float]]:
-    """The rows of ``run_dir/curve.csv`` as floats (empty cells are NaN); [] if absent."""
-    path = run_dir / "curve.csv"
-    if not path.exists():
-        return []
-    with open(path) as f:
-        return [{k: float(v) if v != "" else np.nan for k, v in row.items()}
-                for row in csv.DictReader(f)]
+__all__ = ["first_reach", "points", "run_curve", "run_example"]
+
+
+def run_curve(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of ``run_dir/curve.csv`` as floats (empty cells are NaN); ``[]`` if absent."""
+    return [{k: np.nan if v == "" else v for k, v in row.items()}
+            for row in read_curve(run_dir / "curve.csv")]
 
 
 def run_example(example: Path, run_dir: Path, budget_key: str, budget: int, args: list[str]) -> None:
-    """Runs (or continues, ``--resume``) an example unless its curve already reaches ``budget``.
+    """Runs (or continues, ``--resume``) an example script unless its curve already reaches
+    ``budget``; its output is appended to ``run_dir/stdout.log``.
 
     ``budget_key`` is the curve column and the example's flag (``frames``, ``rollouts``).
+
+    Raises:
+        subprocess.CalledProcessError: the run failed.
     """
-    curve = read_curve(run_dir)
+    curve = run_curve(run_dir)
     if curve and curve[-1][budget_key] >= budget:
         return
     cmd = [sys.executable, str(example), f"--{budget_key}", str(budget), "--out", str(run_dir),

@@ -1,0 +1,28 @@
+"""Data layouts and statistics: the language-model sequence layout with its keys, group
+advantages, and ratio statistics of replayed data by staleness."""
+
+from __future__ import annotations
+
+from torchrl_r2vpo.data.llm import (
+    ASSISTANT_MASK_KEY,
+    ATTENTION_MASK_KEY,
+    FULL_LOG_PROBS_KEY,
+    FULL_TOKENS_KEY,
+    group_advantages,
+    PROMPT_TOKENS_KEY,
+    RESPONSE_TOKENS_KEY,
+    sequence_batch,
+)
+from torchrl_r2vpo.data.staleness import staleness_stats
+
+__all__ = [
+    "ASSISTANT_MASK_KEY",
+    "ATTENTION_MASK_KEY",
+    "FULL_LOG_PROBS_KEY",
+    "FULL_TOKENS_KEY",
+    "PROMPT_TOKENS_KEY",
+    "RESPONSE_TOKENS_KEY",
+    "group_advantages",
+    "sequence_batch",
+    "staleness_stats",
+]

@@ -1,0 +1,368 @@
+"""Exact token-level reductions and gradient accumulation for TorchRL's LLM losses.
+
+:class:`GradientAccumulationMixin` is what every LLM loss of this package adds to
+:class:`~torchrl.objectives.llm.GRPOLoss`: reductions over exactly the tokens the loss
+scores, and :meth:`~GradientAccumulationMixin.accumulation`, which normalises each
+micro-batch by the full batch's quantities so that micro-batch gradients add up to the
+full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import expand_as_right, NestedKey
+from torchrl.objectives.llm import GRPOLoss, LLMLossOutput
+
+from torchrl_r2vpo._compat import (
+    CURRENT_LOG_PROB_KEY,
+    grpo_log_weight,
+    input_validity_mask,
+    reduce_loss,
+)
+from torchrl_r2vpo.objectives.ratio_variance import reject_unknown_kwargs
+
+__all__ = ["AGGREGATIONS", "GradientAccumulationMixin", "MASKING_STRATEGIES"]
+
+AGGREGATIONS = ("token_mean", "prompt_mean", "none")
+"""GRPOLoss's ``aggregation`` values."""
+MASKING_STRATEGIES = ("sft", "rlhf", "generic")
+"""GRPOLoss's ``masking_strategy`` values."""
+# the entries TorchRL's LLM wrappers read and write (pad_output=True layout)
+_PROMPT_KEY = ("tokens", "prompt")
+_ATTENTION_MASK_KEY = ("masks", "all_attention_mask")
+_ASSISTANT_MASK_KEY = ("masks", "all_assistant_mask")
+
+
+@dataclass(frozen=True)
+class _FullBatchNormalizers:
+    """The full-batch quantities an :meth:`~GradientAccumulationMixin.accumulation` block
+    normalises by."""
+
+    num_tokens: torch.Tensor | int | None
+    num_sequences: torch.Tensor | int | None
+    ratio_mean: torch.Tensor | float | None
+
+
+class GradientAccumulationMixin:
+    """Exact gradient accumulation, and exact valid-token reductions, for a
+    :class:`~torchrl.objectives.llm.GRPOLoss`.
+
+    Placed before GRPOLoss (or a subclass) in the bases. It adds
+    :meth:`accumulation`, :meth:`token_mask`, :meth:`count_tokens` and
+    :meth:`count_sequences`. Micro-batch losses add up exactly only if every
+    reduction covers exactly the tokens the loss scores, so, inside
+    :meth:`accumulation` or not, it also changes the following, the same for
+    every loss:
+
+    * tokens the loss leaves out (padding, a sequence dropped by the collector
+      mask, a KL-masked token) have their log-weight and advantage set to 0
+      before the per-token objective, so a non-finite value there cannot reach
+      the gradient as ``0 * inf``;
+    * a sequence dropped by the collector mask is left out of
+      ``aggregation="prompt_mean"``'s mean over sequences, as if it were not in
+      the batch;
+    * the KL terms (``kl_to_ref_coeff``, ``kl_to_inference_coeff``) are
+      aggregated over the valid tokens as the objective is, not averaged over
+      every padded position as GRPOLoss does;
+    * unknown keyword arguments raise a ``TypeError`` instead of being ignored.
+    """
+
+    _accumulation: _FullBatchNormalizers | None = None
+    # accumulation() needs num_tokens for prompt_mean too (a penalty that is a token mean)
+    _token_mean_terms: bool = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        aggregation = kwargs.get("aggregation") or "token_mean"
+        if aggregation not in AGGREGATIONS:
+            raise ValueError(
+                f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}."
+            )
+        masking_strategy = kwargs.get("masking_strategy", "sft")
+        if masking_strategy not in MASKING_STRATEGIES:
+            raise ValueError(
+                f"masking_strategy must be one of {MASKING_STRATEGIES}, got "
+                f"{masking_strategy!r}."
+            )
+        super().__init__(*args, **kwargs)
+        reject_unknown_kwargs(type(self).__name__, GRPOLoss, kwargs)
+
+    @contextlib.contextmanager
+    def accumulation(
+        self,
+        num_tokens: int | torch.Tensor | None = None,
+        *,
+        num_sequences: int | torch.Tensor | None = None,
+        ratio_mean: float | torch.Tensor | None = None,
+    ) -> Iterator[GradientAccumulationMixin]:
+        """Normalises every call inside the block by full-batch quantities.
+
+        Splitting a batch into micro-batches and summing their losses gives the
+        full-batch loss only if each micro-batch is divided by the *full*
+        batch's normaliser; a mean of micro-batch means weighs tokens unequally.
+        Inside this block each ``loss_*`` term is aggregated as
+
+        .. code-block:: text
+
+            token_mean:   sum over the micro-batch's valid tokens / num_tokens
+            prompt_mean:  sum over its sequences of their token means / num_sequences
+
+        so that ``sum_k loss(micro_batch_k)`` equals ``loss(batch)``, values and
+        gradients, up to floating-point error. ``aggregation="none"`` is
+        unaffected.
+
+        **The contract.**
+
+        * ``num_tokens`` is the number of valid tokens in the full batch:
+          :meth:`count_tokens` computes it from the masks and the stored
+          log-probabilities alone, without a forward pass, exactly as the loss
+          masks them. ``num_sequences`` is the number of sequences in the full
+          batch, those the collector mask drops excepted: :meth:`count_sequences`.
+        * ``ratio_mean`` (used by :class:`~torchrl_r2vpo.R2VPOLLMLoss` with
+          ``variance_center="mean"``, ignored by the other losses) is the
+          full-batch masked mean of the current ratio. It depends on the
+          current parameters, so it needs a forward pass: either a
+          ``torch.no_grad()`` pass over the micro-batches merged with
+          :func:`~torchrl_r2vpo.merge_ratio_stats` (exact; one extra forward), or the merged
+          mean of the previous optimiser step (one step stale), or ``1.0`` on
+          the first step on freshly collected data when the behaviour
+          log-probabilities were computed by the trained model itself (then
+          ``r == 1`` exactly). Without it, each micro-batch is centred on its
+          own mean: the penalty becomes the pooled *within*-micro-batch
+          variance, which misses the spread between micro-batch means, and the
+          gradient differs from the full-batch one by ``2 lambda (m_k - m) / N``
+          per token of micro-batch ``k``. ``variance_center="one"`` needs no
+          centre and is exact.
+        * Each micro-batch is scored with the same parameters.
+          ``kl_mask_threshold`` is incompatible: its mask depends on the current
+          policy.
+
+        Args:
+            num_tokens (int or Tensor, optional): the full batch's valid-token
+                count. Required for ``aggregation="token_mean"``, and for
+                :class:`~torchrl_r2vpo.R2VPOLLMLoss` (whose penalty is a token mean) with any.
+
+        Keyword Args:
+            num_sequences (int or Tensor, optional): the full batch's number of
+                sequences the collector mask keeps. Required for
+                ``aggregation="prompt_mean"``.
+            ratio_mean (float or Tensor, optional): the full batch's masked mean
+                ratio, the variance centre for :class:`~torchrl_r2vpo.R2VPOLLMLoss`.
+
+        Tensors are used as given (no host synchronisation).
+        """
+        if self._accumulation is not None:
+            raise RuntimeError("accumulation() blocks cannot be nested.")
+        aggregation = self.aggregation
+        if self.reduction != "none" and aggregation != "none":
+            if (aggregation == "token_mean" or self._token_mean_terms) and num_tokens is None:
+                raise ValueError(
+                    f"accumulation() with aggregation={aggregation!r} needs num_tokens, "
+                    "the full batch's valid-token count (see count_tokens())."
+                )
+            if aggregation == "prompt_mean" and num_sequences is None:
+                raise ValueError(
+                    "accumulation() with aggregation='prompt_mean' needs num_sequences, "
+                    "the full batch's sequence count (see count_sequences())."
+                )
+        if self.kl_mask_threshold is not None and self.kl_mask_threshold > 0:
+            raise ValueError(
+                "accumulation() is not exact with kl_mask_threshold: the KL mask "
+                "depends on the current policy, so the full batch's token count "
+                "cannot be known in advance."
+            )
+        for name, value in (("num_tokens", num_tokens), ("num_sequences", num_sequences)):
+            if isinstance(value, (int, float)) and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}.")
+        self._accumulation = _FullBatchNormalizers(num_tokens, num_sequences, ratio_mean)
+        try:
+            yield self
+        finally:
+            self._accumulation = None
+
+    def token_mask(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The valid-token mask ``[N, L]`` the loss will use, without a forward pass.
+
+        It follows :attr:`masking_strategy` as TorchRL's LLM wrappers do
+        (``"sft"``: attended tokens past the padded prompt width; ``"rlhf"``:
+        ``("masks", "all_assistant_mask")``; ``"generic"``: attended tokens)
+        and drops tokens whose stored behaviour log-probability is not finite,
+        as :meth:`~torchrl.objectives.llm.GRPOLoss._log_weight` does.
+        """
+
+        def padded(key, value):
+            return tensordict.get(
+                key, as_padded_tensor=True, padding_side="left", padding_value=value
+            )
+
+        if self.masking_strategy == "rlhf":
+            mask = padded(_ASSISTANT_MASK_KEY, False)
+            if mask is None:
+                raise KeyError(f"masking_strategy='rlhf' needs {_ASSISTANT_MASK_KEY}.")
+            mask = mask.bool()
+        else:
+            mask = padded(_ATTENTION_MASK_KEY, False)
+            if mask is None:
+                raise KeyError(f"masking_strategy={self.masking_strategy!r} needs {_ATTENTION_MASK_KEY}.")
+            mask = mask.bool()
+            if self.masking_strategy == "sft":
+                prompt = padded(_PROMPT_KEY, -100)
+                if prompt is None:
+                    raise KeyError(f"masking_strategy='sft' needs {_PROMPT_KEY}.")
+                mask = mask.clone()
+                mask[..., : prompt.shape[-1]] = False
+        log_prob = padded(self.tensor_keys.sample_log_prob, 0.0)
+        if log_prob is None:
+            raise KeyError(f"The behaviour log-probability {self.tensor_keys.sample_log_prob} is missing.")
+        return self._drop_invalid_samples(tensordict, mask & torch.isfinite(log_prob))
+
+    def _drop_invalid_samples(
+        self, tensordict: TensorDictBase, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``mask`` restricted to the samples the input's validity masks keep (those the
+        loss reduction applies, e.g. a sampler's ``("collector", "mask")``), so that counts
+        and statistics cover the tokens the loss does."""
+        valid = input_validity_mask(self, tensordict, mask)
+        return mask if valid is None else mask & valid
+
+    def count_tokens(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The number of valid tokens in ``tensordict``, as a scalar tensor (no sync)."""
+        return self.token_mask(tensordict).sum()
+
+    def count_sequences(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The number of sequences in ``tensordict`` that the collector mask (the loss's
+        validity masks) keeps, as a scalar tensor (no sync): the batch size without one."""
+        return self._valid_sequences(tensordict, self.token_mask(tensordict)).sum()
+
+    def _valid_sequences(self, tensordict: TensorDictBase, mask: torch.Tensor) -> torch.Tensor:
+        """``[N]`` booleans: the sequences the input's validity masks keep (all without one)."""
+        valid = input_validity_mask(self, tensordict, mask)
+        return mask.new_ones(mask.shape[0]) if valid is None else valid.flatten(1).any(-1)
+
+    def _drop_kl_masked_tokens(
+        self, tensordict: TensorDictBase, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """GRPOLoss's optional KL-Mask: drops the tokens with
+        ``0.5 * (cur - behaviour)^2 > kl_mask_threshold``."""
+        if self.kl_mask_threshold is None or not self.kl_mask_threshold > 0:
+            return mask
+        inference_log_prob = tensordict.get(
+            self.tensor_keys.sample_log_prob,
+            None,
+            as_padded_tensor=True,
+            padding_side="left",
+            padding_value=0.0,
+        )
+        cur_log_prob = tensordict.get(CURRENT_LOG_PROB_KEY, None)
+        if inference_log_prob is None or cur_log_prob is None:
+            return mask
+        cur = torch.where(expand_as_right(mask, cur_log_prob), cur_log_prob, 0.0)
+        inference = torch.where(expand_as_right(mask, inference_log_prob), inference_log_prob, 0.0)
+        return mask & (0.5 * (cur - inference) ** 2 <= self.kl_mask_threshold)
+
+    def _log_weight(self, tensordict: TensorDictBase, adv_shape: torch.Size):
+        """GRPOLoss's, with the mask the loss reduces with (KL and collector masks
+        included) and the log-weight set to 0 wherever that mask is ``False``."""
+        log_weight, dist, kl_approx, mask = grpo_log_weight(super(), tensordict, adv_shape)
+        mask = self._drop_invalid_samples(tensordict, self._drop_kl_masked_tokens(tensordict, mask))
+        log_weight = torch.where(expand_as_right(mask, log_weight), log_weight, 0.0)
+        return log_weight, dist, kl_approx, mask
+
+    def _zero_unused_advantage(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """A shallow copy of ``tensordict`` whose advantage is 0 where no valid token
+        uses it (padding, dropped sequences)."""
+        tensordict = tensordict.copy()
+        advantage = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
+        if advantage is None or advantage.ndim < 2:
+            return tensordict  # missing or malformed: forward says so
+        mask = self.token_mask(tensordict)
+        if advantage.shape[-2] == 1:  # one value per sequence
+            mask = mask.any(-1, keepdim=True)
+        if mask.shape != advantage.shape[:-1]:
+            return tensordict
+        advantage = torch.where(expand_as_right(mask, advantage), advantage, 0.0)
+        tensordict.set(self.tensor_keys.advantage, advantage)
+        return tensordict
+
+    def forward(self, tensordict: TensorDictBase) -> LLMLossOutput:
+        return super().forward(self._zero_unused_advantage(tensordict))
+
+    def _token_mean(
+        self, value: torch.Tensor, mask: torch.Tensor, tensordict: TensorDictBase | None = None
+    ) -> torch.Tensor:
+        """The mean of ``value`` over the valid tokens (over the full batch's, inside
+        :meth:`accumulation`), whatever :attr:`aggregation` is."""
+        mask_exp = expand_as_right(mask, value)
+        acc = self._accumulation
+        if acc is None:
+            return reduce_loss(
+                self, value, tensordict, reduction="mean", mask=mask_exp
+            ).squeeze(-1)
+        total = reduce_loss(self, value, tensordict, reduction="sum", mask=mask_exp)
+        return total / acc.num_tokens
+
+    def _aggregate_loss_value(
+        self,
+        value: torch.Tensor,
+        mask: torch.Tensor,
+        tensordict: TensorDictBase | None = None,
+    ) -> torch.Tensor:
+        if self.aggregation == "none" or self.reduction == "none":
+            return super()._aggregate_loss_value(value, mask, tensordict=tensordict)
+        if self.aggregation == "token_mean":
+            return self._token_mean(value, mask, tensordict)
+        # prompt_mean: each sequence's token mean (selected, not multiplied: padding may
+        # hold inf), averaged over the sequences the collector mask keeps
+        mask_exp = expand_as_right(mask, value)
+        value = torch.where(mask_exp, value, torch.zeros_like(value))
+        token_count = mask_exp.sum(dim=-2).clamp_min(1)
+        acc = self._accumulation
+        if acc is None:
+            num_sequences = self._valid_sequences(tensordict, mask).sum().clamp_min(1)
+        else:
+            num_sequences = acc.num_sequences
+        return (value.sum(dim=-2) / token_count).sum(dim=0) / num_sequences
+
+    def _kl_to_ref(
+        self,
+        tensordict: TensorDictBase,
+        key: NestedKey = ("next", "ref_log_probs"),
+        ref_log_prob: torch.Tensor | None = None,
+        coeff: float | None = None,
+        mask: torch.Tensor | None = None,
+        dist=None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GRPOLoss's k3 estimate of the KL to the reference (or inference) policy, per
+        valid token, aggregated as the objective is (GRPO's mean over each completion's
+        tokens with ``prompt_mean``), with its mean over this call's valid tokens as
+        diagnostic.
+
+        GRPOLoss averages it over every padded position instead, so that its weight
+        shrinks as the batch's padding grows.
+        """
+        if coeff is None:
+            coeff = self.kl_to_ref_coeff
+        cur_log_prob = tensordict.get(CURRENT_LOG_PROB_KEY)
+        if ref_log_prob is None:
+            ref_log_prob = tensordict.get(
+                key, as_padded_tensor=True, padding_side=self.ref_log_prob_padding_side,
+                padding_value=self.ref_log_prob_padding_value)
+            if ref_log_prob is None:
+                raise KeyError(f"The reference log-probability {key} is missing.")
+            if ref_log_prob.ndim == cur_log_prob.ndim + 1:
+                ref_log_prob = ref_log_prob.squeeze(-1)
+        if ref_log_prob.shape != cur_log_prob.shape:
+            raise ValueError(f"The reference log-probability {key} has shape "
+                             f"{tuple(ref_log_prob.shape)}, the current one {tuple(cur_log_prob.shape)}.")
+        if mask is None:
+            mask = torch.ones_like(cur_log_prob, dtype=torch.bool)
+        diff = torch.where(expand_as_right(mask, cur_log_prob), ref_log_prob - cur_log_prob, 0.0)
+        k3 = (diff.expm1() - diff).unsqueeze(-1)
+        valid = expand_as_right(mask, k3)  # the diagnostic: this call's tokens, also inside accumulation()
+        kl = torch.where(valid, k3.detach(), 0.0).sum() / valid.sum().clamp_min(1)
+        return coeff * self._aggregate_loss_value(k3, mask, tensordict), kl
+

@@ -1,0 +1,274 @@
+"""Continuous control with R2VPO or clipped PPO: the pieces of ``examples/dmc_walker.py``.
+
+Networks (:func:`make_agent`), the loss and its dual-variable scheduler (:func:`make_loss`),
+the optimiser (:func:`make_optimizer`), the collector (:func:`make_collector`), evaluation of the
+deterministic policy (:func:`evaluate`, :func:`eval_seed`), the ratio statistics of replayed
+data by age (:func:`ratio_stats_by_staleness`), reloading a trained policy (:func:`load_actor`)
+and the run's plot and GIF. They read their settings from a
+:class:`~torchrl_r2vpo.recipes.config.ControlConfig`.
+
+Examples:
+    >>> from torchrl_r2vpo.envs import make_env
+    >>> env = make_env("cartpole-balance", num_envs=2, seed=0)
+    >>> actor, critic, obs_norm = make_agent(env, 5, 1)
+    >>> loss, scheduler = make_loss(ControlConfig(), actor, critic)
+    >>> returns = episode_returns(env, actor)  # one deterministic episode per environment
+    >>> returns.shape
+    torch.Size([2])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+from tensordict.nn import NormalParamExtractor, TensorDictModule
+from torch import nn
+from torchrl.collectors import Collector, MultiSyncCollector
+from torchrl.envs import EnvBase, ExplorationType, set_exploration_type
+from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
+from torchrl.objectives import ClipPPOLoss, PPOLoss
+
+from torchrl_r2vpo.data import staleness_stats
+from torchrl_r2vpo.envs import make_env
+from torchrl_r2vpo.modules import RunningObservationNorm
+from torchrl_r2vpo.objectives import DualVariableScheduler, R2VPOLoss
+from torchrl_r2vpo.recipes.config import ControlConfig
+from torchrl_r2vpo.record import record_rollout_gif
+
+__all__ = ["CURVE_FIELDS", "EVAL_SEED", "RAY_WORKER", "episode_returns", "eval_seed", "evaluate",
+           "load_actor", "load_optimizer_state", "make_agent", "make_collector", "make_loss",
+           "make_optimizer", "plot_curve", "ratio_stats_by_staleness", "set_lr",
+           "try_record_video"]
+
+# the columns of curve.csv, one row per collected batch
+CURVE_FIELDS = ["frames", "time_s", "fps", "update_s", "train_return", "eval_return",
+                "lagrange_multiplier", "ratio_var", "ESS", "clip_fraction", "kl_approx", "entropy",
+                "loss_objective", "loss_critic", "physics_errors"]
+
+# resources of one Ray collector actor: it steps CPU simulators
+RAY_WORKER = {"num_cpus": 1, "num_gpus": 0}
+
+# evaluation environments are seeded from here on, by run seed and batch (see eval_seed)
+EVAL_SEED = 10_000_000
+
+
+def make_agent(env: EnvBase, obs_dim: int, act_dim: int
+               ) -> tuple[ProbabilisticActor, ValueOperator, RunningObservationNorm]:
+    """A tanh-Gaussian actor and a value critic, MLPs of two hidden layers of 64 tanh units,
+    sharing one observation normaliser (returned too: the training loop updates it).
+
+    ``env`` gives the action spec (``full_action_spec_unbatched`` and
+    ``action_spec_unbatched``, whose bounds the tanh maps to).
+    """
+    obs_norm = RunningObservationNorm(obs_dim)
+    hidden = dict(num_cells=[64, 64], activation_class=nn.Tanh)
+    actor_net = nn.Sequential(obs_norm, MLP(obs_dim, 2 * act_dim, **hidden),
+                              NormalParamExtractor(scale_lb=1e-4))
+    actor = ProbabilisticActor(
+        TensorDictModule(actor_net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        spec=env.full_action_spec_unbatched,
+        distribution_class=TanhNormal,
+        distribution_kwargs={"low": env.action_spec_unbatched.space.low,
+                             "high": env.action_spec_unbatched.space.high},
+        return_log_prob=True,
+        default_interaction_type=ExplorationType.RANDOM,
+    )
+    critic = ValueOperator(nn.Sequential(obs_norm, MLP(obs_dim, 1, **hidden)),
+                           in_keys=["observation"])
+    return actor, critic, obs_norm
+
+
+def make_loss(cfg: ControlConfig, actor: ProbabilisticActor, critic: ValueOperator
+              ) -> tuple[PPOLoss, DualVariableScheduler | None]:
+    """``cfg.loss``: :class:`~torchrl_r2vpo.R2VPOLoss` with its
+    :class:`~torchrl_r2vpo.DualVariableScheduler` (step size 0 when ``cfg.dual`` is fixed), or
+    TorchRL's ``ClipPPOLoss`` and ``None``; both with an L2 critic loss and normalised
+    advantages."""
+    common = dict(entropy_coeff=cfg.entropy_coeff, critic_coeff=cfg.critic_coeff,
+                  loss_critic_type="l2", normalize_advantage=True)
+    if cfg.loss == "ppo":
+        return ClipPPOLoss(actor, critic, clip_epsilon=cfg.clip_epsilon, **common), None
+    loss = R2VPOLoss(actor, critic, lagrange_multiplier=cfg.lagrange_multiplier,
+                     ratio_var_target=cfg.ratio_var_target,
+                     diagnostic_clip_epsilon=cfg.clip_epsilon, **common)
+    scheduler = DualVariableScheduler(loss, lr=cfg.dual_lr if cfg.dual == "adaptive" else 0.0)
+    return loss, scheduler
+
+
+def make_optimizer(loss: nn.Module, lr: float, compile: bool = False) -> torch.optim.Adam:
+    """Adam (``eps=1e-5``) over the loss's parameters.
+
+    Under ``compile`` the learning rate is a tensor on the parameters' device, so that
+    annealing it (:func:`set_lr`) recompiles nothing; on CUDA the optimiser then keeps its step
+    count there (``capturable``), which foreach Adam needs with a tensor learning rate and CUDA
+    graphs need to capture the step.
+    """
+    device = next(loss.parameters()).device
+    capturable = compile and device.type == "cuda"
+    return torch.optim.Adam(loss.parameters(), lr=torch.tensor(lr, device=device) if compile else lr,
+                            eps=1e-5, capturable=capturable)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Sets the learning rate, in place where it is a tensor (:func:`make_optimizer`)."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Loads a checkpoint's optimiser state but keeps this optimiser's kind of step (its
+    learning rate, a tensor or not, and ``capturable``): the checkpoint's run may have
+    compiled or not. The learning rate is annealed from the frame count anyway."""
+    state = {**state, "param_groups": [
+        {**saved, "lr": group["lr"], "capturable": group["capturable"]}
+        for saved, group in zip(state["param_groups"], optimizer.param_groups)]}
+    optimizer.load_state_dict(state)
+
+
+def make_collector(cfg: ControlConfig, actor: ProbabilisticActor, total_frames: int, seed: int,
+                   env: EnvBase | None = None) -> Collector | MultiSyncCollector:
+    """A collector of ``cfg.frames_per_batch`` frames per batch, whole batches up to
+    ``total_frames``.
+
+    It steps ``env`` in this process on ``cfg.device`` if given (Playground's batch), else
+    builds ``cfg.num_workers`` batches of ``cfg.num_envs`` environments: in this process, in
+    worker processes, or in Ray actors (``cfg.collector="ray"``, :data:`RAY_WORKER`). Built
+    environments are seeded ``seed, seed + 1, ...`` across workers when they are made, before
+    the collector's first reset; ``set_seed`` then also seeds each worker process's torch and
+    numpy generators: a run is reproducible from its seed.
+
+    Raises:
+        ImportError: ``cfg.collector="ray"`` without ray installed.
+    """
+    env_fns = [functools.partial(make_env, cfg.env, num_envs=cfg.num_envs,
+                                 seed=seed + worker * cfg.num_envs)
+               for worker in range(cfg.num_workers)]
+    batches = math.ceil(total_frames / cfg.frames_per_batch)  # whole batches only
+    frames = dict(frames_per_batch=cfg.frames_per_batch,
+                  total_frames=batches * cfg.frames_per_batch)
+    kwargs = dict(auto_register_policy_transforms=False, **frames)
+    if env is not None:  # one batched environment on the device: no copies, no processes
+        collector = Collector(env, actor, device=cfg.device, track_traj_ids=False, **kwargs)
+    elif cfg.num_workers > 1 and cfg.collector == "ray":  # Ray actors, on any machine of the cluster
+        if importlib.util.find_spec("ray") is None:
+            raise ImportError("--collector ray needs ray: pip install 'torchrl_r2vpo[ray]'.")
+        collector = Collector(env_fns, actor, backend="ray", sync=True, **frames,
+                              backend_options=dict(
+                                  remote_configs=RAY_WORKER,
+                                  collector_kwargs={"auto_register_policy_transforms": False}))
+        collector.update_policy_weights_()  # connects the actors to this policy's weights
+    elif cfg.num_workers > 1:  # each worker process steps its own batch of environments
+        collector = MultiSyncCollector(env_fns, actor, **kwargs)
+    else:
+        collector = Collector(env_fns[0](), actor, **kwargs)
+    collector.set_seed(seed)
+    return collector
+
+
+def episode_returns(env: EnvBase, actor: ProbabilisticActor) -> torch.Tensor:
+    """Returns of the deterministic (mode) policy, one episode per environment: ``[num_envs]``.
+
+    An episode's return is its ``episode_reward`` at its first ``done``.
+    """
+    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+        rollout = env.rollout(100_000, actor, break_when_any_done=False,
+                              break_when_all_done=True)
+    if rollout.ndim == 1:  # a single environment is not batched
+        rollout = rollout.unsqueeze(0)
+    done = rollout["next", "done"].squeeze(-1)  # [episodes, T]
+    last = torch.full_like(done[:, :1], done.shape[-1] - 1, dtype=torch.long)
+    first_done = torch.where(done.any(-1, keepdim=True), done.int().argmax(-1, keepdim=True), last)
+    return rollout["next", "episode_reward"].squeeze(-1).gather(-1, first_done).squeeze(-1)
+
+
+def evaluate(env: EnvBase, actor: ProbabilisticActor) -> float:
+    """Mean return of the deterministic (mode) policy over one episode per environment."""
+    return episode_returns(env, actor).mean().item()
+
+
+def eval_seed(cfg: ControlConfig, frames: int) -> int:
+    """The seed of the evaluation environments after ``frames`` training frames:
+    ``EVAL_SEED + 100_000 * seed + eval_episodes * batch``, the same whether the run was
+    resumed before it or not, and different for every batch and every run seed."""
+    return EVAL_SEED + 100_000 * cfg.seed + cfg.eval_episodes * (frames // cfg.frames_per_batch)
+
+
+def load_actor(path: Path, env: EnvBase) -> tuple[ControlConfig, ProbabilisticActor]:
+    """The run's settings and its trained actor, from a ``checkpoint.pt`` of the example.
+
+    ``env`` is any environment of the run's task (it gives the actor its specs).
+
+    Examples:
+        >>> env = make_env("walker-walk", num_envs=16, seed=123)  # doctest: +SKIP
+        >>> cfg, actor = load_actor(Path("runs/walker/checkpoint.pt"), env)  # doctest: +SKIP
+        >>> evaluate(env, actor)  # mean return from 16 starts  # doctest: +SKIP
+    """
+    ckpt = torch.load(path, weights_only=False, map_location="cpu")
+    names = {field.name for field in dataclasses.fields(ControlConfig)}
+    cfg = ControlConfig(**{**{k: v for k, v in ckpt["config"].items() if k in names},
+                           "device": "cpu"})
+    actor, critic, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
+                                  env.action_spec.shape[-1])
+    make_loss(cfg, actor, critic)[0].load_state_dict(ckpt["loss"])  # the actor's parameters
+    return cfg, actor
+
+
+def ratio_stats_by_staleness(actor: ProbabilisticActor, stored: TensorDict, version: int,
+                             log_prob_key: str = "action_log_prob") -> dict[str, float]:
+    """Mean and variance of the ratio :math:`\\pi_\\theta(a|s) / \\pi_b(a|s)` of the stored
+    transitions, for each data age ``version - policy_version`` (0: this batch).
+
+    ``log_prob_key`` holds :math:`\\log \\pi_b`, the behaviour policy's log-probability (the
+    loss's ``tensor_keys.sample_log_prob``). See :func:`torchrl_r2vpo.data.staleness_stats`.
+    """
+    with torch.no_grad():
+        log_prob = actor.get_dist(stored.clone(False)).log_prob(stored["action"])
+        ratio = (log_prob - stored[log_prob_key]).exp()
+    return staleness_stats(ratio, version - stored["policy_version"])
+
+
+def try_record_video(env_name: str, actor: ProbabilisticActor, path: Path, seed: int,
+                     gl_problem: str | None) -> str:
+    """Saves a GIF of one deterministic episode at ``path`` and says where, or says why there
+    is none: ``gl_problem`` (from :func:`torchrl_r2vpo.record.select_mujoco_gl`), or the
+    renderer's error."""
+    if gl_problem is not None:
+        return f"no video: MuJoCo cannot render offscreen here: {gl_problem}"
+    try:
+        with set_exploration_type(ExplorationType.DETERMINISTIC):
+            record_rollout_gif(env_name, actor, path, seed=seed)
+    except Exception as err:  # the renderer's own errors vary by OpenGL backend
+        return f"no video: MuJoCo offscreen rendering failed ({type(err).__name__}: {err})"
+    return f"video: {path}"
+
+
+def plot_curve(rows: list[dict], path: Path, title: str) -> None:
+    """Plots the training (stochastic) and evaluation (deterministic) returns of a curve's
+    rows against frames, to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [(r["frames"], r["train_return"]) for r in rows if r["train_return"] != ""]
+    evals = [(r["frames"], r["eval_return"]) for r in rows if r["eval_return"] != ""]
+    for points, label, style in ((train, "train (stochastic)", "-"), (evals, "eval (deterministic)", "o-")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set(xlabel="frames", ylabel="episode return", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
