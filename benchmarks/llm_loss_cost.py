@@ -45,6 +45,8 @@ from tensordict import TensorDict
 from torchrl.objectives.llm import GRPOLoss
 
 import torchrl_r2vpo
+from torchrl_r2vpo.data import (ASSISTANT_MASK_KEY, ATTENTION_MASK_KEY, FULL_LOG_PROBS_KEY, FULL_TOKENS_KEY,
+                                PROMPT_TOKENS_KEY, RESPONSE_TOKENS_KEY)
 from torchrl_r2vpo.objectives.llm import R2VPOLLMLoss
 
 PAD, BOS, EOS = 0, 1, 2
@@ -103,11 +105,11 @@ def make_data(args, actor, device) -> TensorDict:
     assistant = torch.cat([torch.zeros_like(prompt_mask), response_mask], -1)
     data = TensorDict(
         {
-            ("tokens", "prompt"): prompt,
-            ("tokens", "response"): response,
-            ("tokens", "full"): torch.cat([prompt, response], -1),
-            ("masks", "all_attention_mask"): torch.cat([prompt_mask, response_mask], -1),
-            ("masks", "all_assistant_mask"): assistant,
+            PROMPT_TOKENS_KEY: prompt,
+            RESPONSE_TOKENS_KEY: response,
+            FULL_TOKENS_KEY: torch.cat([prompt, response], -1),
+            ATTENTION_MASK_KEY: torch.cat([prompt_mask, response_mask], -1),
+            ASSISTANT_MASK_KEY: assistant,
             "advantage": torch.randn(n, 1, 1, generator=gen),
         },
         [n],
@@ -116,8 +118,8 @@ def make_data(args, actor, device) -> TensorDict:
     with torch.no_grad():
         log_prob, _, _ = scorer._get_cur_log_prob(data.copy())
     noise = 0.1 * torch.randn(log_prob.shape, generator=gen).to(device)
-    mask = data["masks", "all_assistant_mask"]
-    data["log_probs", "full"] = torch.where(mask, log_prob + noise, 0.0)
+    mask = data[ASSISTANT_MASK_KEY]
+    data[FULL_LOG_PROBS_KEY] = torch.where(mask, log_prob + noise, 0.0)
     return data
 
 
@@ -247,7 +249,7 @@ def main() -> None:
             "peak_memory_ratio": None if peak is None else peak / base_peak,
             "peak_memory_samples_mib": [None if m is None else m / 2**20 for m in memory[name]],
         }
-    tokens = int(data["masks", "all_assistant_mask"].sum())
+    tokens = int(data[ASSISTANT_MASK_KEY].sum())
     machine = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),

@@ -37,7 +37,7 @@ from torchrl.modules.llm import TransformersWrapper
 from tqdm import tqdm
 
 from torchrl_r2vpo.collectors import collect_batch
-from torchrl_r2vpo.data import group_advantages, staleness_stats
+from torchrl_r2vpo.data import ASSISTANT_MASK_KEY, group_advantages, staleness_stats
 from torchrl_r2vpo.math_task import load_math_lm
 from torchrl_r2vpo.recipes.config import LLMConfig, parse
 from torchrl_r2vpo.recipes.llm import (CURVE_FIELDS, held_out_accuracy, keep_ratio_samples,
@@ -143,7 +143,7 @@ def main(cfg: LLMConfig) -> dict:
 
             # --- metrics, evaluation, checkpoint --------------------------------------------
             now = time.perf_counter()
-            tokens = batch["masks", "all_assistant_mask"].sum().item()
+            tokens = batch[ASSISTANT_MASK_KEY].sum().item()
             row = curve_row(CURVE_FIELDS, mean_metrics(metrics), rollouts=rollouts,
                             time_s=round(now - start, 2),
                             tokens_per_s=round(tokens / (now - iteration_start), 1),

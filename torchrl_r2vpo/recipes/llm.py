@@ -17,6 +17,8 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from torchrl_r2vpo.collectors import response_log_probs, stop_token_ids, TransformersBackend, VLLMBackend
+from torchrl_r2vpo.data import (ASSISTANT_MASK_KEY, ATTENTION_MASK_KEY, FULL_LOG_PROBS_KEY,
+                                PROMPT_TOKENS_KEY, RESPONSE_TOKENS_KEY)
 from torchrl_r2vpo.envs import TokenGenerationEnv
 from torchrl_r2vpo.math_task import (
     EVAL_SEED,
@@ -130,25 +132,25 @@ def make_backend(cfg: LLMConfig, model: nn.Module, tokenizer, out: Path, version
 def reference_log_probs(reference: nn.Module, batch: TensorDictBase) -> torch.Tensor:
     """The reference model's log-probabilities of a batch's sequences, ``[N, prompt +
     response]``: 0 over the prompt, the KL penalty's ``("next", "ref_log_probs", "full")``."""
-    width = batch["tokens", "prompt"].shape[-1]
+    width = batch[PROMPT_TOKENS_KEY].shape[-1]
     return torch.cat([
-        torch.zeros(batch["tokens", "prompt"].shape),
-        response_log_probs(reference, batch["tokens", "prompt"],
-                           batch["masks", "all_attention_mask"][:, :width],
-                           batch["tokens", "response"],
-                           batch["masks", "all_assistant_mask"][:, width:])], -1)
+        torch.zeros(batch[PROMPT_TOKENS_KEY].shape),
+        response_log_probs(reference, batch[PROMPT_TOKENS_KEY],
+                           batch[ATTENTION_MASK_KEY][:, :width],
+                           batch[RESPONSE_TOKENS_KEY],
+                           batch[ASSISTANT_MASK_KEY][:, width:])], -1)
 
 
 def ratios_by_age(model: nn.Module, stored: TensorDictBase, version: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-token ratios :math:`\\pi_\\theta / \\pi_b` of the stored completions ``[N, T]``,
     their mask ``[N, T]`` and their age ``version - policy_version`` ``[N]``."""
-    width = stored["tokens", "prompt"].shape[-1]
-    mask = stored["masks", "all_assistant_mask"][:, width:]
-    log_probs = response_log_probs(model, stored["tokens", "prompt"],
-                                   stored["masks", "all_attention_mask"][:, :width],
-                                   stored["tokens", "response"], mask)
-    ratio = (log_probs - stored["log_probs", "full"][:, width:]).exp()
+    width = stored[PROMPT_TOKENS_KEY].shape[-1]
+    mask = stored[ASSISTANT_MASK_KEY][:, width:]
+    log_probs = response_log_probs(model, stored[PROMPT_TOKENS_KEY],
+                                   stored[ATTENTION_MASK_KEY][:, :width],
+                                   stored[RESPONSE_TOKENS_KEY], mask)
+    ratio = (log_probs - stored[FULL_LOG_PROBS_KEY][:, width:]).exp()
     return ratio, mask, version - stored["policy_version"]
 
 

@@ -24,6 +24,7 @@ from torchrl_r2vpo._compat import (
     input_validity_mask,
     reduce_loss,
 )
+from torchrl_r2vpo.data.llm import ASSISTANT_MASK_KEY, ATTENTION_MASK_KEY, PROMPT_TOKENS_KEY
 from torchrl_r2vpo.objectives.ratio_variance import reject_unknown_kwargs
 
 __all__ = ["AGGREGATIONS", "GradientAccumulationMixin", "MASKING_STRATEGIES"]
@@ -33,9 +34,6 @@ AGGREGATIONS = ("token_mean", "prompt_mean", "none")
 MASKING_STRATEGIES = ("sft", "rlhf", "generic")
 """GRPOLoss's ``masking_strategy`` values."""
 # the entries TorchRL's LLM wrappers read and write (pad_output=True layout)
-_PROMPT_KEY = ("tokens", "prompt")
-_ATTENTION_MASK_KEY = ("masks", "all_attention_mask")
-_ASSISTANT_MASK_KEY = ("masks", "all_assistant_mask")
 
 
 @dataclass(frozen=True)
@@ -200,19 +198,19 @@ class GradientAccumulationMixin:
             )
 
         if self.masking_strategy == "rlhf":
-            mask = padded(_ASSISTANT_MASK_KEY, False)
+            mask = padded(ASSISTANT_MASK_KEY, False)
             if mask is None:
-                raise KeyError(f"masking_strategy='rlhf' needs {_ASSISTANT_MASK_KEY}.")
+                raise KeyError(f"masking_strategy='rlhf' needs {ASSISTANT_MASK_KEY}.")
             mask = mask.bool()
         else:
-            mask = padded(_ATTENTION_MASK_KEY, False)
+            mask = padded(ATTENTION_MASK_KEY, False)
             if mask is None:
-                raise KeyError(f"masking_strategy={self.masking_strategy!r} needs {_ATTENTION_MASK_KEY}.")
+                raise KeyError(f"masking_strategy={self.masking_strategy!r} needs {ATTENTION_MASK_KEY}.")
             mask = mask.bool()
             if self.masking_strategy == "sft":
-                prompt = padded(_PROMPT_KEY, -100)
+                prompt = padded(PROMPT_TOKENS_KEY, -100)
                 if prompt is None:
-                    raise KeyError(f"masking_strategy='sft' needs {_PROMPT_KEY}.")
+                    raise KeyError(f"masking_strategy='sft' needs {PROMPT_TOKENS_KEY}.")
                 mask = mask.clone()
                 mask[..., : prompt.shape[-1]] = False
         log_prob = padded(self.tensor_keys.sample_log_prob, 0.0)
