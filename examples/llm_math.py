@@ -114,6 +114,7 @@ def main(cfg: LLMConfig) -> dict:
 
     # --- training loop ------------------------------------------------------------------
     pbar = tqdm(total=cfg.rollouts, initial=rollouts, unit="rollouts", dynamic_ncols=True)
+    accuracy = None  # this process's last evaluation: the trained model's once the loop ends
     eval_due = Schedule(cfg.eval_every, rollouts, cfg.rollouts)
     checkpoint_due = Schedule(cfg.checkpoint_every, rollouts, cfg.rollouts)
     start = time.perf_counter()
@@ -173,7 +174,7 @@ def main(cfg: LLMConfig) -> dict:
     # --- results --------------------------------------------------------------------------
     plot_run(read_curve(curve_path), ratio_samples, out / "curve.png",
              f"{cfg.loss} on {cfg.task} (seed {cfg.seed})")
-    final = held_out_accuracy(cfg, model, tokenizer, test, pass_at=8)
+    final = held_out_accuracy(cfg, model, tokenizer, test, pass_at=8, measured=accuracy)
     print(f"held-out accuracy after training: {final['sampled']:.3f} (before: "
           f"{initial['sampled']:.3f}; greedy {final['greedy']:.3f}, pass@8 {final['pass@8']:.3f}); "
           f"curve and ratio plot: {out / 'curve.png'}")

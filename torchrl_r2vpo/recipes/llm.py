@@ -81,13 +81,16 @@ def make_task(cfg: LLMConfig, model: nn.Module, tokenizer) -> tuple[TokenGenerat
 
 
 def held_out_accuracy(cfg: LLMConfig, model: nn.Module, tokenizer, test: list[MathProblem],
-                      pass_at: int = 0) -> dict[str, float]:
+                      pass_at: int = 0, measured: dict[str, float] | None = None) -> dict[str, float]:
     """Held-out accuracy of ``model``: ``"sampled"`` at temperature 1 (with a fixed seed, so
     every evaluation of a run, and of every run, draws the same random numbers), ``"greedy"``,
-    and for ``pass_at`` > 0 ``"pass@k"``, the share solved by one of ``pass_at`` samples."""
+    and for ``pass_at`` > 0 ``"pass@k"``, the share solved by one of ``pass_at`` samples.
+    ``measured``, this function's result for the same model, is reused instead of measured
+    again."""
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, seed=EVAL_SEED)
-    result = {"sampled": evaluate_accuracy(model, tokenizer, test, greedy=False, **kwargs),
-              "greedy": evaluate_accuracy(model, tokenizer, test, greedy=True, **kwargs)}
+    result = dict(measured) if measured is not None else {
+        "sampled": evaluate_accuracy(model, tokenizer, test, greedy=False, **kwargs),
+        "greedy": evaluate_accuracy(model, tokenizer, test, greedy=True, **kwargs)}
     if pass_at:
         result[f"pass@{pass_at}"] = evaluate_pass_at_k(model, tokenizer, test, pass_at, **kwargs)
     return result
