@@ -19,7 +19,11 @@ device, and the defaults become those of Playground's tuned Brax PPO configurati
 
 Each iteration collects ``--frames-per-batch`` frames, tags them with the policy version that
 collected them, and trains ``--epochs`` passes of minibatches over this batch and the
-``--reuse`` previous ones, with GAE recomputed by the current critic before each pass.
+``--reuse`` previous ones, with GAE recomputed by the current critic before each pass. With
+``--reuse``, R2VPO constrains the ratio to the policy at the start of the update and weights
+stale data by pi_prox / pi_behaviour, truncated at ``--max-behaviour-weight``
+(``--ratio proximal``, the default), or constrains pi_theta / pi_behaviour (``--ratio
+behaviour``).
 
 Writes to ``--out``: ``curve.csv`` (one row per collected batch), ``curve.png``,
 ``checkpoint.pt`` (every ``--checkpoint-every`` frames and on Ctrl-C or SIGTERM), the
@@ -40,10 +44,10 @@ from tqdm import tqdm
 
 from torchrl_r2vpo.envs import make_env
 from torchrl_r2vpo.recipes.config import ControlConfig, parse
-from torchrl_r2vpo.recipes.control import (CURVE_FIELDS, eval_seed, evaluate, load_optimizer_state,
-                                           make_agent, make_collector, make_loss, make_optimizer,
-                                           plot_curve, ratio_stats_by_staleness, set_lr,
-                                           try_record_video)
+from torchrl_r2vpo.recipes.control import (CURVE_FIELDS, action_log_probs, eval_seed, evaluate,
+                                           load_optimizer_state, make_agent, make_collector,
+                                           make_loss, make_optimizer, plot_curve,
+                                           ratio_stats_by_staleness, set_lr, try_record_video)
 from torchrl_r2vpo.recipes.run_state import (curve_row, interrupts_deferred, load_checkpoint, log_row,
                                              make_logger, open_run_dir, read_curve, save_checkpoint,
                                              Schedule, seed_everything, snapshot, stop_on_sigterm,
@@ -109,6 +113,9 @@ def main(cfg: ControlConfig) -> dict:
 
     last_state = state()
     update = make_update(loss, optimizer, cfg.max_grad_norm, compile=cfg.compile)
+    # with stale data, R2VPO's ratio is taken against the policy at the start of each update
+    proximal_key = (loss.tensor_keys.proximal_log_prob
+                    if cfg.loss == "r2vpo" and cfg.ratio == "proximal" and cfg.reuse > 0 else None)
     threads = torch.get_num_threads()
 
     # --- training loop ------------------------------------------------------------------
@@ -134,6 +141,8 @@ def main(cfg: ControlConfig) -> dict:
             update_start = time.perf_counter()
             history.extend(data.unsqueeze(0))
             stored = history[: len(history)]  # [K + 1, (workers,) envs, T]: GAE runs along T
+            if proximal_key is not None:  # log pi_prox, once per update, fresh and stale rows
+                stored.set(proximal_key, action_log_probs(actor, stored))
             metrics = []
             for batch in minibatch_epochs(stored, minibatches, cfg.epochs, prepare=gae):
                 out_td = update(batch)
@@ -143,7 +152,9 @@ def main(cfg: ControlConfig) -> dict:
             if device.type == "cuda":  # the time of the work, not of queueing it
                 torch.cuda.synchronize(device)
             update_s = time.perf_counter() - update_start  # GAE and the optimiser steps
-            staleness = ratio_stats_by_staleness(actor, stored.reshape(-1), version)
+            staleness = ratio_stats_by_staleness(actor, stored.reshape(-1), version,
+                                                 proximal_log_prob_key=proximal_key,
+                                                 clip_epsilon=cfg.clip_epsilon)
             obs_norm.update(data["observation"])  # after training: data and update agree
             collector.update_policy_weights_()
             version += 1

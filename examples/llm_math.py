@@ -10,13 +10,17 @@
 The settings are ``torchrl_r2vpo.recipes.config.LLMConfig``, one flag per field. The default
 task is 2-digit addition answered least significant digit first, with a fresh problem for every
 prompt; held-out accuracy is sampled at temperature 1 with a fixed seed (greedy accuracy in the
-curve too, pass@8 before and after). Each iteration samples ``--group-size`` completions for each of ``--num-prompts`` training
-problems, scores them with the math verifier, standardises the rewards within each group
+curve too, pass@8 before and after). Each iteration samples ``--group-size`` completions for
+each of ``--num-prompts`` training problems, scores them with the math verifier, standardises the rewards within each group
 (GRPO's advantage) and trains on this batch and the ``--reuse`` previous ones, each tagged
-with the policy version that sampled it. Writes to ``--out``: ``curve.csv`` (one row per
-iteration), ``curve.png`` (reward and accuracy; ratio distributions by staleness),
-``checkpoint.pt`` (every ``--checkpoint-every`` rollouts and on Ctrl-C or SIGTERM) and the logger's
-files.
+with the policy version that sampled it; with ``--lag K`` the batch is sampled by the policy
+of K updates ago, as an asynchronous pipeline would. Before each update the current model
+scores every stored completion once (the proximal log-probabilities of the decoupled losses);
+with ``--dual adaptive`` R2VPO's lambda takes one step per iteration on Var(r) pooled over its
+minibatches. Writes to ``--out``: ``curve.csv`` (one row per iteration), ``staleness.csv``
+(one row per iteration and data age: the update's ratio statistics, the behaviour weights),
+``curve.png`` (reward and accuracy; ratio distributions by staleness), ``checkpoint.pt``
+(every ``--checkpoint-every`` rollouts and on Ctrl-C or SIGTERM) and the logger's files.
 """
 
 from __future__ import annotations
@@ -37,16 +41,18 @@ from torchrl.modules.llm import TransformersWrapper
 from tqdm import tqdm
 
 from torchrl_r2vpo.collectors import collect_batch
-from torchrl_r2vpo.data import ASSISTANT_MASK_KEY, group_advantages, staleness_stats
+from torchrl_r2vpo.data import (ASSISTANT_MASK_KEY, group_advantages, PROXIMAL_LOG_PROBS_KEY,
+                                staleness_table)
 from torchrl_r2vpo.math_task import load_math_lm
+from torchrl_r2vpo.objectives import merge_ratio_stats
 from torchrl_r2vpo.recipes.config import LLMConfig, parse
 from torchrl_r2vpo.recipes.llm import (CURVE_FIELDS, held_out_accuracy, keep_ratio_samples,
-                                       make_backend, make_loss, make_task, plot_run, ratios_by_age,
-                                       reference_log_probs)
-from torchrl_r2vpo.recipes.run_state import (curve_row, interrupts_deferred, load_checkpoint, log_row,
-                                             make_logger, open_run_dir, read_curve, save_checkpoint,
-                                             Schedule, seed_everything, snapshot, stop_on_sigterm,
-                                             truncate_curve)
+                                       LaggedPolicy, make_backend, make_loss, make_task, plot_run,
+                                       sequence_log_probs, STALENESS_CSV_FIELDS, update_staleness)
+from torchrl_r2vpo.recipes.run_state import (append_row, curve_row, interrupts_deferred,
+                                             load_checkpoint, log_row, make_logger, open_run_dir,
+                                             read_curve, save_checkpoint, Schedule, seed_everything,
+                                             snapshot, stop_on_sigterm, truncate_curve)
 from torchrl_r2vpo.recipes.update import make_update, mean_metrics, minibatch_epochs
 
 
@@ -54,6 +60,7 @@ def main(cfg: LLMConfig) -> dict:
     """Trains, evaluates and writes the outputs of one run."""
     out = Path(cfg.out)
     ckpt_path, curve_path = open_run_dir(out, cfg.resume, cfg.overwrite)
+    staleness_path = out / "staleness.csv"
     seed_everything(cfg.seed)
     torch.set_num_threads(cfg.threads)
 
@@ -68,6 +75,8 @@ def main(cfg: LLMConfig) -> dict:
     loss.to(cfg.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     update = make_update(loss, optimizer, cfg.max_grad_norm, clip_groups=[model.parameters()])
+    dual_per_minibatch = scheduler is not None and cfg.dual_every == "minibatch"
+    sampler = LaggedPolicy(model, cfg.lag)  # the policy that samples, --lag updates behind
     # the last K+1 batches, each row tagged with the policy version that sampled it
     capacity = (cfg.reuse + 1) * cfg.num_prompts * cfg.group_size
     history = TensorDictReplayBuffer(storage=LazyTensorStorage(capacity))
@@ -85,18 +94,21 @@ def main(cfg: LLMConfig) -> dict:
             scheduler.load_state_dict(ckpt["scheduler"])
         history.load_state_dict(ckpt["history"])
         env.load_state_dict(ckpt["env"])
+        if ckpt.get("sampler") is not None:  # saved since --lag exists
+            sampler.load_state_dict(ckpt["sampler"])
         rollouts, version, logger_state = ckpt["rollouts"], ckpt["version"], ckpt["logger"]
         initial = ckpt["initial_accuracy"]
         print(f"resumed at {rollouts} rollouts: lambda "
               f"{float(getattr(loss, 'lagrange_multiplier', math.nan)):.9g}, "
               f"{len(history)} stored completions")
     rows = truncate_curve(curve_path, "rollouts", rollouts, CURVE_FIELDS)
+    truncate_curve(staleness_path, "rollouts", rollouts, STALENESS_CSV_FIELDS)
     if initial is None:
         initial = held_out_accuracy(cfg, model, tokenizer, test, pass_at=8)
     print(f"held-out accuracy before training: {initial['sampled']:.3f} ({len(test)} problems, "
           f"sampled; greedy {initial['greedy']:.3f}, pass@8 {initial['pass@8']:.3f})")
     logger = make_logger(cfg, out, f"{cfg.loss}-seed{cfg.seed}", logger_state)
-    backend = make_backend(cfg, model, tokenizer, out, version)
+    backend = make_backend(cfg, sampler.model, tokenizer, out, version)
 
     def state() -> dict:
         """The whole training state, copied: taken after each iteration, saved as a checkpoint."""
@@ -104,7 +116,7 @@ def main(cfg: LLMConfig) -> dict:
                         loss=loss.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict() if scheduler is not None else None,
                         history=history.state_dict(), env=env.state_dict(),
-                        logger=logger.state_dict())
+                        sampler=sampler.state_dict(), logger=logger.state_dict())
 
     last_state = state()
     ratio_samples: dict[int, list[torch.Tensor]] = {}
@@ -121,25 +133,28 @@ def main(cfg: LLMConfig) -> dict:
     try:
         while rollouts < cfg.rollouts:
             iteration_start = time.perf_counter()
-            batch = collect_batch(env, backend, policy_version=version)
+            batch = collect_batch(env, backend, policy_version=sampler.version)
             batch["advantage"] = group_advantages(batch["next", "reward"], cfg.group_size)
             if reference is not None:  # log-probs of the initial model, for the KL penalty
-                batch["next", "ref_log_probs", "full"] = reference_log_probs(reference, batch)
+                batch["next", "ref_log_probs", "full"] = sequence_log_probs(reference, batch)
             history.extend(batch)
             stored = history[: len(history)]
+            # the model stays in eval mode: dropout in a forward pass would make the ratio
+            # differ from 1 on the data it sampled (its log-probs were taken in eval mode)
+            stored[PROXIMAL_LOG_PROBS_KEY] = sequence_log_probs(model, stored)
             metrics = []
-            # the model stays in eval mode: dropout in this forward pass would make the
-            # ratio differ from 1 on the data it sampled (its log-probs were taken in eval mode)
             for minibatch in minibatch_epochs(stored, minibatches, cfg.epochs):
                 out_td = update(minibatch.to(cfg.device))
-                if scheduler is not None:
+                if dual_per_minibatch:
                     scheduler.step(out_td)
                 metrics.append(out_td.cpu())
-            ratio, mask, age = ratios_by_age(model, stored, version)
-            staleness = staleness_stats(ratio, age, mask)
+            if scheduler is not None and not dual_per_minibatch:  # once, on the pooled Var(r)
+                scheduler.step(merge_ratio_stats(metrics, variance_center=loss.variance_center))
+            sums, ratio, mask, age = update_staleness(model, stored, version)
             keep_ratio_samples(ratio_samples, ratio, mask, age)
-            backend.sync_weights(model)
             version += 1
+            sampler.push(model, version)
+            backend.sync_weights(sampler.model)
             rollouts += batch.numel()
 
             # --- metrics, evaluation, checkpoint --------------------------------------------
@@ -154,14 +169,18 @@ def main(cfg: LLMConfig) -> dict:
                 test_accuracy = row["test_accuracy"] = accuracy["sampled"]
                 row["test_greedy"] = accuracy["greedy"]
             with interrupts_deferred():  # the row, its logs and its state, together
-                log_row(logger, curve_path, CURVE_FIELDS, row, "rollouts", staleness)
+                staleness = staleness_table(sums)
+                log_row(logger, curve_path, CURVE_FIELDS, row, "rollouts",
+                        {f"stale{k}/{f}": v for k, r in staleness.items() for f, v in r.items()})
+                for k, stats in staleness.items():
+                    append_row(staleness_path, STALENESS_CSV_FIELDS, dict(rollouts=rollouts, age=k, **stats))
                 last_state = state()
                 if checkpoint_due(rollouts):
                     save_checkpoint(ckpt_path, last_state)
             pbar.update(batch.numel())
             pbar.set_postfix(reward=f"{row['train_reward']:.2f}", acc=f"{test_accuracy:.3f}",
                              lam=f"{float(getattr(loss, 'lagrange_multiplier', math.nan)):.3g}",
-                             var=f"{staleness.get('stale0/ratio_var', math.nan):.4f}",
+                             var=f"{row['ratio_var']:.4f}" if row["ratio_var"] != "" else "-",
                              tok_s=row["tokens_per_s"])
     except KeyboardInterrupt:  # save the state after the last complete iteration
         save_checkpoint(ckpt_path, last_state)

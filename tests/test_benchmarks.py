@@ -115,14 +115,16 @@ def test_first_reach(evals, level, expected):
 
 
 def write_llm_curve(run_dir: Path, accuracies: list[float], step=128, seconds=100.0,
-                    printed: tuple[float, ...] | None = None):
+                    printed: tuple[float, ...] | None = None, grad_norm=lambda i: i):
     run_dir.mkdir(parents=True)
     with open(run_dir / "curve.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, ["rollouts", "time_s", "train_reward", "test_accuracy"])
+        writer = csv.DictWriter(f, ["rollouts", "time_s", "train_reward", "test_accuracy",
+                                    "grad_norm"])
         writer.writeheader()
         for i, value in enumerate(accuracies, start=1):
             writer.writerow({"rollouts": i * step, "time_s": i * seconds, "train_reward": i / 10,
-                             "test_accuracy": "" if value is None else value})
+                             "test_accuracy": "" if value is None else value,
+                             "grad_norm": grad_norm(i)})
     if printed is not None:  # what the example prints: sampled, greedy, pass@8 before and after
         b, bg, bp, a, ag, ap = printed
         (run_dir / "stdout.log").write_text(
@@ -139,10 +141,12 @@ def test_llm_report_from_partial_results(tmp_path, monkeypatch):
                     printed=(0.1, 0.2, 0.5, 0.5, 0.6, 0.9))
     write_llm_curve(tmp_path / "grpo" / "seed1", [0.1, None, 0.3, None, 0.3], seconds=200,
                     printed=(0.25, 0.4, 0.7, 0.3, 0.3, 0.8))
-    write_llm_curve(tmp_path / "r2vpo" / "seed0", [0.2, None, 0.4, None, 0.6])
+    write_llm_curve(tmp_path / "r2vpo" / "seed0", [0.2, None, 0.4, None, 0.6],
+                    grad_norm=lambda i: 100.0 * i if i > 3 else 1.0)
     write_llm_curve(tmp_path / "r2vpo" / "seed1", [0.2, None, 0.4])  # unfinished: left out
     report = llm.summarize(tmp_path, ["r2vpo", "grpo", "spo"], 640)
     table, gate = report.split("Gate:")
+    gate, sizes = gate.split("Update size:")
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert rows["grpo"].startswith("| grpo | 0.175 ± 0.075 | 0.400 ± 0.100 | 0.450 ± 0.150 "
                                    "| 0.850 ± 0.050 | 0.450 ± 0.000 | 750 ± 250 | 2 |")
@@ -153,6 +157,28 @@ def test_llm_report_from_partial_results(tmp_path, monkeypatch):
     gates = {line.split("|")[1].strip(): line for line in gate.splitlines() if line.startswith("| seed")}
     assert gates["seed0"].endswith("| 0.100 | 0.500 | +0.400 | 0.200 -> 0.600 | yes |")
     assert gates["seed1"].endswith("| 0.250 | 0.300 | +0.050 | 0.400 -> 0.300 | no |")
+    # gradient norms per iteration: grpo 1..5 in each seed; r2vpo 1, 1, 1, 400, 500
+    assert "| grpo | 3.0 | 5 | 0 | - |" in sizes and "| r2vpo | 1.0 | 500 | 2 | - |" in sizes
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_llm_stale_report_has_a_staleness_table_of_medians_and_a_row_per_figure_group(tmp_path):
+    from torchrl_r2vpo.recipes.llm import STALENESS_CSV_FIELDS
+
+    llm = load("llm_compare")
+    for method in ("grpo", "r2vpo-reuse1"):
+        write_llm_curve(tmp_path / method / "seed0", [0.1, None, 0.3], printed=(0.1,) * 6)
+    with open(tmp_path / "r2vpo-reuse1" / "seed0" / "staleness.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, STALENESS_CSV_FIELDS)
+        writer.writeheader()
+        for it, var in enumerate((0.01, 0.02, 5000.0)):  # one exploding iteration
+            for age in (0, 1):
+                writer.writerow(dict.fromkeys(STALENESS_CSV_FIELDS, 1.0) | dict(
+                    rollouts=128 * (it + 1), age=age, tokens=100 + it, ratio_var=var * (age + 1)))
+    report = llm.summarize(tmp_path, ["grpo", "r2vpo-reuse1"], 384,
+                           rows={"a": ["grpo"], "b": ["r2vpo-reuse1", "r2vpo-reuse4"]})
+    table = report.split("r2vpo-reuse1, seed0: by data age")[1]
+    assert "| 0 | 3 | 101 | 0.0200 | 1.0000 |" in table and "| 1 | 3 | 101 | 0.0400 |" in table
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 

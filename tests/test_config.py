@@ -19,17 +19,20 @@ CONTROL_DEFAULTS = dict(
     num_envs=16, num_workers=2, collector="process", frames_per_batch=4096, minibatch_size=256,
     epochs=10, lr=3e-4, gamma=0.99, gae_lambda=0.95, reward_scale=1.0, entropy_coeff=0.0,
     critic_coeff=0.5, max_grad_norm=0.5, clip_epsilon=0.2, lagrange_multiplier=0.5,
-    ratio_var_target=0.02, dual="fixed", dual_lr=1.0, reuse=0, eval_every=50_000,
+    ratio_var_target=0.02, dual="fixed", dual_lr=1.0, reuse=0, ratio="proximal",
+    max_behaviour_weight=2.0, eval_every=50_000,
     eval_episodes=4, checkpoint_every=50_000, time_limit=0.0, logger="csv",
     out="runs/dmc_walker", resume=False, overwrite=False, video=True)
 LLM_DEFAULTS = dict(
     task="reversed-addition", model="", backend="transformers", device="cpu", threads=1,
     loss="r2vpo", rollouts=32768, seed=0, difficulty="", num_problems=0, num_test=1024,
     num_prompts=16,
-    group_size=8, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, reuse=2, epochs=1, minibatch_size=32,
-    lr=1e-4, max_grad_norm=1.0, lagrange_multiplier=1.0, ratio_var_target=0.01, dual="adaptive",
-    dual_lr=10.0, lambda_max=0.0, kl_to_ref=0.0, entropy_coeff=0.01, eval_every=4096,
-    checkpoint_every=4096, logger="csv", out="runs/llm_math", resume=False, overwrite=False)
+    group_size=8, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, reuse=2, lag=0, epochs=1,
+    minibatch_size=32, lr=1e-4, max_grad_norm=1.0, lagrange_multiplier=1.0, ratio_var_target=0.01,
+    dual="adaptive", dual_lr=10.0, dual_every="iteration", lambda_max=2.5, ratio="proximal",
+    variance_center="mean", max_behaviour_weight=2.0, kl_to_ref=0.0, entropy_coeff=0.01,
+    eval_every=4096, checkpoint_every=4096, logger="csv", out="runs/llm_math", resume=False,
+    overwrite=False)
 
 # a value out of range for every numeric flag: (settings, field, value, what the error says)
 BAD = [(ControlConfig, name, value, message) for name, value, message in [
@@ -43,14 +46,16 @@ BAD = [(ControlConfig, name, value, message) for name, value, message in [
     ("critic_coeff", "-1", ">= 0"), ("max_grad_norm", "-1", "> 0"), ("max_grad_norm", "0", "> 0"),
     ("clip_epsilon", "0", "> 0"), ("lagrange_multiplier", "-0.5", ">= 0"),
     ("lagrange_multiplier", "nan", "finite"), ("ratio_var_target", "-0.02", ">= 0"),
-    ("dual_lr", "-1", ">= 0"), ("reuse", "-1", ">= 0"), ("eval_every", "0", ">= 1"),
+    ("dual_lr", "-1", ">= 0"), ("reuse", "-1", ">= 0"), ("max_behaviour_weight", "-1", ">= 0"),
+    ("max_behaviour_weight", "nan", "finite"), ("eval_every", "0", ">= 1"),
     ("eval_episodes", "0", ">= 1"), ("checkpoint_every", "0", ">= 1"),
     ("time_limit", "-1", ">= 0"), ("time_limit", "inf", "finite"),
 ]] + [(LLMConfig, name, value, message) for name, value, message in [
     ("threads", "0", ">= 1"), ("rollouts", "0", ">= 1"), ("seed", "-1", ">= 0"),
     ("num_problems", "-1", ">= 0"), ("num_test", "0", ">= 1"), ("num_prompts", "0", ">= 1"),
     ("group_size", "1", ">= 2"), ("max_new_tokens", "0", ">= 1"), ("reuse", "-1", ">= 0"),
-    ("epochs", "0", ">= 1"), ("minibatch_size", "0", ">= 1"), ("lr", "0", "> 0"),
+    ("lag", "-1", ">= 0"), ("max_behaviour_weight", "-2", ">= 0"), ("epochs", "0", ">= 1"),
+    ("minibatch_size", "0", ">= 1"), ("lr", "0", "> 0"),
     ("lr", "nan", "finite"), ("max_grad_norm", "-1", "> 0"),
     ("lagrange_multiplier", "-1", ">= 0"), ("ratio_var_target", "-0.01", ">= 0"),
     ("dual_lr", "-10", ">= 0"), ("dual_lr", "inf", "finite"), ("lambda_max", "-1", ">= 0"),
@@ -144,7 +149,11 @@ def test_playground_preset_is_shared_and_flags_given_win():
     (ControlConfig, ["--env", "playground:WalkerWalk", "--collector", "ray", "--num-workers", "2"],
      "Playground's batch, collect in this process"),
     (ControlConfig, ["--resume", "--overwrite"], "not both"),
+    (ControlConfig, ["--max-behaviour-weight", "0.5"],
+     "--max-behaviour-weight must be 0 (no bound) or >= 1, got 0.5"),
     (LLMConfig, ["--rollouts", "40"], "multiple of --num-prompts x --group-size = 128"),
+    (LLMConfig, ["--max-behaviour-weight", "0.9"],
+     "--max-behaviour-weight must be 0 (no bound) or >= 1, got 0.9"),
     (LLMConfig, ["--lambda-max", "0.5"],
      "--lambda-max must be 0 (no cap) or >= --lagrange-multiplier 1.0, got 0.5"),
     (LLMConfig, ["--task", "arithmetic", "--difficulty", "1,4"],
@@ -160,6 +169,7 @@ def test_settings_that_do_not_fit_together_are_refused_by_name(capsys, config_cl
 @pytest.mark.parametrize("config_cls, args", [
     (ControlConfig, ["--loss", "sac"]), (ControlConfig, ["--dual", "auto"]),
     (ControlConfig, ["--collector", "threads"]), (ControlConfig, ["--logger", "mlflow"]),
+    (ControlConfig, ["--ratio", "prox"]),
     (LLMConfig, ["--loss", "ppo"]), (LLMConfig, ["--backend", "sglang"]),
     (ControlConfig, ["--frames", "many"]), (LLMConfig, ["--lr", "fast"]),
 ])

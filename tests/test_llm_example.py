@@ -18,7 +18,7 @@ from torchrl.modules.llm import TransformersWrapper
 
 from torchrl_r2vpo import LLM_LOSSES
 from torchrl_r2vpo.collectors import collect_batch, TransformersBackend
-from torchrl_r2vpo.data import group_advantages, staleness_stats
+from torchrl_r2vpo.data import group_advantages, PROXIMAL_LOG_PROBS_KEY, staleness_table
 from torchrl_r2vpo.math_task import build_math_lm, build_math_tokenizer, load_math_lm
 from torchrl_r2vpo.recipes import llm
 from torchrl_r2vpo.recipes.config import flag, LLMConfig
@@ -67,8 +67,9 @@ def read_curve(out: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def half_run(tmp_path_factory, tiny_model) -> tuple[Path, dict]:
-    """An R2VPO run with reuse and the KL penalty, stopped at half of SMALL's budget."""
-    half = settings(tmp_path_factory.mktemp("half"), tiny_model, reuse=1, kl_to_ref=0.1,
+    """An R2VPO run with reuse, policy lag and the KL penalty, stopped at half of SMALL's
+    budget."""
+    half = settings(tmp_path_factory.mktemp("half"), tiny_model, reuse=1, lag=1, kl_to_ref=0.1,
                     rollouts=32)
     run_example(**half)
     return Path(half["out"]), half
@@ -81,6 +82,16 @@ def test_a_run_writes_its_outputs(half_run):
     assert all(r["lagrange_multiplier"] != "" and r["kl_to_ref"] != "" for r in rows)
     assert (out / "curve.png").stat().st_size > 0 and (out / "checkpoint.pt").exists()
     assert (out / "logs" / "r2vpo-seed0" / "scalars" / "stale1" / "ratio_var.csv").exists()
+    # one row per iteration and data age: --lag 1 samples the second batch with version 0
+    with open(out / "staleness.csv") as f:
+        staleness = list(csv.DictReader(f))
+    assert [(int(r["rollouts"]), int(r["age"]), int(r["tokens"]) > 0) for r in staleness] == [
+        (16, 0, True), (32, 1, True)]
+    # fresh data: pi_prox is the sampler (w = 1 up to the generation's arithmetic); stale: not
+    assert abs(float(staleness[0]["weight_max"]) - 1) < 1e-3 < float(staleness[1]["weight_max"]) - 1
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["scheduler"]["num_steps"] == 2  # the dual steps once per iteration
+    assert [v for v, _ in ckpt["sampler"]["snapshots"]] == [1, 2] and ckpt["sampler"]["version"] == 1
 
 
 @pytest.mark.parametrize("loss", sorted(LLM_LOSSES))
@@ -99,11 +110,13 @@ def test_every_loss_trains_on_the_examples_data(tiny_model, tmp_path, loss):
     backend = TransformersBackend(model, tokenizer, max_new_tokens=cfg.max_new_tokens)
     batch = collect_batch(env, backend, policy_version=0)
     batch["advantage"] = group_advantages(batch["next", "reward"], cfg.group_size)
+    batch[PROXIMAL_LOG_PROBS_KEY] = llm.sequence_log_probs(model, batch, chunk=5)
     metrics = mean_metrics([update(batch)])
     assert torch.isfinite(torch.tensor(metrics["loss_objective"])) and metrics["grad_norm"] > 0
     assert ("lagrange_multiplier" in metrics) == (loss == "r2vpo")
-    ratio, mask, age = llm.ratios_by_age(model, batch, version=1)
-    assert "stale1/ratio_var" in staleness_stats(ratio, age, mask)  # one update old
+    sums, ratio, mask, age = llm.update_staleness(model, batch, version=1, chunk=5)
+    assert list(staleness_table(sums)) == [1] and (age == 1).all()  # one update old
+    assert staleness_table(sums)[1]["tokens"] == mask.sum()
 
 
 def test_a_baseline_runs_through_the_example(tmp_path, tiny_model):
@@ -124,6 +137,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, half_run):
     assert [int(r["rollouts"]) for r in b] == [16, 32, 48, 64]
     for key in ("train_reward", "lagrange_multiplier", "ratio_var", "kl_to_ref", "test_accuracy"):
         assert [r[key] for r in a] == [r[key] for r in b], key
+    # the lagged sampler's weights resume too
+    assert (tmp_path / "a" / "staleness.csv").read_text() == (tmp_path / "b" / "staleness.csv").read_text()
 
     def last_line(result):
         return result.stdout.strip().splitlines()[-1]
@@ -163,7 +178,8 @@ def test_resume_refuses_a_changed_setting(half_run):
     saved = LLMConfig(**{**half, "resume": True})
     # each would change the stored batches' layout, their content, the training itself,
     # or the held-out problems the accuracy before training was measured on
-    for change, message in ((dict(reuse=0), "reuse=1"), (dict(max_new_tokens=8), "max_new_tokens=6"),
+    for change, message in ((dict(reuse=0), "reuse=1"), (dict(lag=0), "lag=1"),
+                            (dict(max_new_tokens=8), "max_new_tokens=6"),
                             (dict(kl_to_ref=0.0), "kl_to_ref=0.1"), (dict(lr=1e-3), "lr=0.0001"),
                             (dict(num_test=8), "num_test=16")):
         with pytest.raises(ValueError, match=message):
@@ -185,7 +201,7 @@ def test_lambda_max_and_entropy_coeff_reach_the_loss(tmp_path, tiny_model):
             generate=False, return_log_probs=True, pad_output=True))
         return dual
 
-    assert scheduler().max_value is None
+    assert scheduler().max_value == 2.5 and scheduler(lambda_max=0.0).max_value is None
     loss, _ = llm.make_loss(LLMConfig(loss="grpo", entropy_coeff=0.0), None)
     assert not loss.entropy_bonus
     assert llm.make_loss(LLMConfig(loss="grpo"), None)[0].entropy_coeff == 0.01
@@ -211,3 +227,19 @@ def test_training_raises_the_reward_on_a_toy_task(tmp_path):
     reward = [float(r["train_reward"]) for r in read_curve(tmp_path)]
     assert len(reward) == 8
     assert sum(reward[-2:]) / 2 > sum(reward[:2]) / 2 + 0.2, reward
+
+
+def test_a_lagged_policy_samples_with_the_weights_of_lag_updates_ago():
+    model = torch.nn.Linear(1, 1, bias=False)
+    lagged = llm.LaggedPolicy(model, lag=2)
+    seen = []
+    for version in range(1, 6):  # the trainer's weight is its version
+        seen.append((lagged.version, lagged.model.weight.item()))
+        model.weight.data.fill_(float(version))
+        lagged.push(model, version)
+    assert seen == [(0, seen[0][1]), (0, seen[0][1]), (0, seen[0][1]), (1, 1.0), (2, 2.0)]
+    again = llm.LaggedPolicy(model, lag=2)
+    again.load_state_dict(lagged.state_dict())
+    assert again.version == 3 and again.model.weight.item() == 3.0
+    current = llm.LaggedPolicy(model, lag=0)  # no lag: the model itself
+    assert current.model is model

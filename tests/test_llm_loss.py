@@ -19,9 +19,12 @@ from torchrl_r2vpo import DualVariableScheduler
 from torchrl_r2vpo.objectives.llm import (
     CISPOLLMLoss,
     DAPOLLMLoss,
+    DecoupledGRPOLLMLoss,
     GPPOLLMLoss,
     GRPOLLMLoss,
+    GRPOTISLLMLoss,
     LLM_LOSSES,
+    M2POLLMLoss,
     make_llm_loss,
     merge_ratio_stats,
     R2VPOLLMLoss,
@@ -352,12 +355,14 @@ class TestR2VPOLLM:
             current = current_log_probs(actor, data)
         diff = (data["next", "ref_log_probs", "full"] - current)[mask]
         expected = (diff.expm1() - diff).mean()  # GRPO's k3, token mean
-        out = make_llm_loss(name, actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf")(data)
+        # M2PO's mask drops tokens from every term: a threshold that keeps them all
+        extra = {"m2_threshold": 1e9} if name == "m2po" else {}
+        out = make_llm_loss(name, actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf", **extra)(data)
         torch.testing.assert_close(out.kl_to_ref, expected)
         torch.testing.assert_close(out.loss_kl_to_ref, 0.5 * expected)
         # four more padding columns: the same terms (GRPOLoss's shrink with the padding)
         padded = pad_response(data, 4)
-        again = make_llm_loss(name, actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf")(padded)
+        again = make_llm_loss(name, actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf", **extra)(padded)
         torch.testing.assert_close(again.loss_kl_to_ref, out.loss_kl_to_ref)
         grpo = GRPOLoss(actor, kl_to_ref_coeff=0.5, masking_strategy="rlhf")
         assert grpo(padded).kl_to_ref < 0.95 * grpo(data).kl_to_ref
@@ -682,7 +687,8 @@ class TestAPI:
     def test_registry(self):
         assert {name: type(make_llm_loss(name)) for name in LLM_LOSSES} == {
             "r2vpo": R2VPOLLMLoss, "grpo": GRPOLLMLoss, "grpo-ch": DAPOLLMLoss, "gppo": GPPOLLMLoss,
-            "topr": TOPRLLMLoss, "spo": SPOLLMLoss, "cispo": CISPOLLMLoss}
+            "topr": TOPRLLMLoss, "spo": SPOLLMLoss, "cispo": CISPOLLMLoss,
+            "grpo-decoupled": DecoupledGRPOLLMLoss, "grpo-tis": GRPOTISLLMLoss, "m2po": M2POLLMLoss}
         assert isinstance(make_llm_loss("GRPO_CH"), DAPOLLMLoss)
         assert isinstance(make_llm_loss("r2vpo", lagrange_multiplier=2.0), R2VPOLLMLoss)
         with pytest.raises(ValueError, match="Valid names: 'r2vpo', 'grpo', 'grpo-ch'"):
@@ -761,3 +767,190 @@ class TestAPI:
             scheduler.step(out.ratio_var)
         assert float(loss.lagrange_multiplier) == 0.0
         assert float(loss(data).lagrange_multiplier) == 0.0
+
+
+# ------------------------------------------------------------------ stale data
+
+
+def with_proximal(data, proximal):
+    data = data.clone()
+    data["proximal_log_probs", "full"] = torch.where(data["masks", "all_assistant_mask"], proximal, 0.0)
+    return data
+
+
+def token_mean(value, mask):
+    return value[mask].sum() / mask.sum()
+
+
+class TestStaleData:
+    """The decoupled ratio (objectives.proximal) and the stale-data baselines."""
+
+    @pytest.mark.parametrize("name", ["r2vpo", "grpo-decoupled", "grpo-tis"])
+    def test_fresh_data_is_todays_loss(self, actor, name):
+        # pi_prox == pi_behaviour: values and gradients as without the proximal key, bit for bit
+        data = make_batch(actor, staleness=0.3)
+        fresh = with_proximal(data, data["log_probs", "full"])
+        loss = make_llm_loss(name, actor, masking_strategy="rlhf", entropy_bonus=False)
+        reference = make_llm_loss("r2vpo" if name == "r2vpo" else "grpo", actor,
+                                  masking_strategy="rlhf", entropy_bonus=False)
+        outs, gradients = [], []
+        for module, batch in ((reference, data), (loss, fresh)):
+            gradients.append(backward_grads(
+                actor, lambda: outs.append(module(batch)) or total(outs[-1]).backward()))
+        for key in ("loss_objective", "clip_fraction", "ESS"):
+            assert torch.equal(outs[0].get(key), outs[1].get(key)), key
+        assert all(torch.equal(a, b) for a, b in zip(*gradients))
+
+    def test_first_step_penalty_has_no_gradient_whatever_the_behaviour(self, actor):
+        data = make_batch(actor, staleness=0.5)  # behaviour far from the current policy
+        mask = data["masks", "all_assistant_mask"]
+        stale = with_proximal(data, current_log_probs(actor, data))  # pi_theta == pi_prox
+        loss = LeafR2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False,
+                                lagrange_multiplier=5.0, max_behaviour_weight=None)
+        out = loss(stale)
+        assert out.ratio_var.item() == 0.0
+        (penalty_grad,) = torch.autograd.grad(out.loss_ratio_var, loss.leaf, retain_graph=True)
+        assert torch.count_nonzero(penalty_grad) == 0
+        # the objective's gradient is -w A / N per token: REINFORCE weighted by pi_prox / mu
+        (objective_grad,) = torch.autograd.grad(out.loss_objective, loss.leaf)
+        w = (stale["proximal_log_probs", "full"] - data["log_probs", "full"]).exp()
+        expected = torch.where(mask, -w * data["advantage"].view(-1, 1) / mask.sum(), 0.0)
+        torch.testing.assert_close(objective_grad, expected)
+        # the behaviour-ratio form ignores the key: its penalty does pull
+        literal = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False, ratio="behaviour")
+        assert literal(stale).ratio_var.item() > 0
+        assert torch.equal(literal(stale).loss_objective, literal(data).loss_objective)
+
+    @pytest.mark.parametrize("bound", [1.0, 1.5, None])
+    def test_truncation_bounds_the_behaviour_weight(self, actor, bound):
+        data = make_batch(actor, staleness=0.8)
+        mask = data["masks", "all_assistant_mask"]
+        proximal = current_log_probs(actor, data)
+        loss = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False,
+                            max_behaviour_weight=bound)
+        out = loss(with_proximal(data, proximal))
+        w = (proximal - data["log_probs", "full"]).exp()
+        if bound is not None:
+            assert (w[mask] > bound).any()  # the bound bites
+            w = w.clamp_max(bound)
+        # r == 1 at the first step: the objective is -mean(min(w, c) A)
+        expected = token_mean(-w * data["advantage"].view(-1, 1), mask)
+        torch.testing.assert_close(out.loss_objective, expected)
+
+    def test_decoupled_grpo_masks_heavy_weights_and_clips_the_step(self, actor):
+        data = make_batch(actor, staleness=0.8)
+        mask = data["masks", "all_assistant_mask"]
+        # the proximal policy half-way between the behaviour and the current one
+        current = current_log_probs(actor, data)
+        proximal = (current + data["log_probs", "full"]) / 2
+        loss = make_llm_loss("grpo-decoupled", actor, masking_strategy="rlhf", entropy_bonus=False,
+                             max_behaviour_weight=1.5)
+        out = loss(with_proximal(data, proximal))
+        w = (proximal - data["log_probs", "full"]).exp()
+        w = torch.where(w > 1.5, 0.0, w)  # AReaL drops the token
+        r = (current - proximal).exp()
+        advantage = data["advantage"].view(-1, 1)
+        per_token = -w * torch.minimum(r * advantage, r.clamp(0.8, 1.2) * advantage)
+        torch.testing.assert_close(out.loss_objective, token_mean(per_token, mask))
+
+    def test_bad_arguments_name_themselves(self, actor):
+        with pytest.raises(ValueError, match="ratio must be one of"):
+            R2VPOLLMLoss(actor, ratio="prox")
+        with pytest.raises(ValueError, match="max_behaviour_weight must be None .* >= 1, got 0.5"):
+            R2VPOLLMLoss(actor, max_behaviour_weight=0.5)
+        with pytest.raises(ValueError, match="behaviour_weight_mode must be one of"):
+            make_llm_loss("grpo-decoupled", actor, behaviour_weight_mode="clip")
+        with pytest.raises(ValueError, match="m2_threshold must be > 0"):
+            make_llm_loss("m2po", actor, m2_threshold=0.0)
+        data = make_batch(actor)
+        data["proximal_log_probs", "full"] = torch.zeros(6, 3)
+        with pytest.raises(ValueError, match="proximal log-probabilities .* have shape"):
+            R2VPOLLMLoss(actor, masking_strategy="rlhf")(data)
+
+    def test_bad_proximal_inputs_are_refused(self, actor):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        proximal = current_log_probs(actor, data)
+        loss = make_llm_loss("grpo-decoupled", actor, masking_strategy="rlhf")
+        broken = with_proximal(data, proximal)
+        broken["proximal_log_probs", "full"][mask.nonzero()[0].tolist()] = float("nan")
+        with pytest.raises(ValueError, match="proximal log-probabilities .* hold NaN or inf"):
+            loss(broken)
+        flat = with_proximal(data, proximal)  # an advantage per sequence as [N]: refused, not broadcast
+        flat["advantage"] = data["advantage"].view(-1)
+        with pytest.raises(ValueError, match="dimensions"):
+            loss(flat)
+
+    def test_the_proximal_key_routes_through_set_keys(self, actor):
+        data = make_batch(actor, staleness=0.5)
+        proximal = current_log_probs(actor, data)
+        moved = data.clone()
+        moved["prox"] = torch.where(data["masks", "all_assistant_mask"], proximal, 0.0)
+        loss = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False)
+        expected = loss(with_proximal(data, proximal)).loss_objective
+        loss.set_keys(proximal_log_prob="prox")
+        assert torch.equal(loss(moved).loss_objective, expected)
+
+    @settings(max_examples=50, deadline=None)
+    @given(st.lists(st.floats(-3, 3), min_size=1, max_size=40), st.floats(0.001, 1.0))
+    def test_m2po_mask_meets_its_threshold_minimally(self, log_ratios, threshold):
+        from torchrl_r2vpo.objectives.llm.baselines import second_moment_mask
+
+        log_ratio = torch.tensor(log_ratios, dtype=torch.float64)
+        # every third token invalid, in batches large enough to keep some
+        mask = (torch.arange(len(log_ratios)) % 3 != 0) | (len(log_ratios) < 3)
+        kept = second_moment_mask(log_ratio, mask, threshold)
+        assert not (kept & ~mask).any()
+        if not mask.any():
+            return
+        m2 = log_ratio.pow(2)
+        # under the threshold, or down to the single smallest token
+        assert m2[kept].mean() <= threshold + 1e-12 or kept.sum() == 1
+        dropped = mask & ~kept
+        if dropped.any():  # the largest were dropped, and one fewer would not do
+            assert m2[dropped].min() >= m2[kept].max()
+            back = kept.clone()  # one dropped token back: the mean is over the threshold
+            back[(dropped & (m2 == m2[dropped].min())).nonzero()[0]] = True
+            assert m2[back].mean() > threshold
+
+    def test_m2po_trains_unclipped_on_the_kept_tokens(self, actor):
+        data = make_batch(actor, staleness=0.6)
+        ratio, mask = ratio_and_mask(data, actor)
+        loss = make_llm_loss("m2po", actor, masking_strategy="rlhf", entropy_bonus=False)
+        out = loss(data)
+        from torchrl_r2vpo.objectives.llm.baselines import second_moment_mask
+
+        kept = second_moment_mask(ratio.log(), mask, 0.04)
+        assert 0 < kept.sum() < mask.sum()
+        torch.testing.assert_close(out.loss_objective,
+                                   token_mean(-ratio * data["advantage"].view(-1, 1), kept))
+        torch.testing.assert_close(out.clip_fraction, (mask & ~kept).sum() / mask.sum())
+        with pytest.raises(ValueError, match="not exact with M2POLLMLoss"):
+            loss.accumulation(10)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=1, max_size=4), st.integers(0, 1000))
+def test_staleness_statistics_are_exact_across_chunks(sizes, seed):
+    from torchrl_r2vpo.data import merge_staleness_sums, staleness_sums, staleness_table
+
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(sizes)
+    ratio = torch.exp(0.3 * torch.randn(n, 5, generator=gen))
+    weight = torch.exp(0.5 * torch.randn(n, 5, generator=gen))
+    mask = torch.rand(n, 5, generator=gen) < 0.7
+    age = torch.randint(0, 3, (n,), generator=gen)
+    whole = staleness_table(staleness_sums(ratio, age, mask, weight))
+    parts = [staleness_sums(*(t.split(sizes)[i] for t in (ratio, age, mask, weight)))
+             for i in range(len(sizes))]
+    merged = staleness_table(merge_staleness_sums(parts))
+    assert merged.keys() == whole.keys()
+    for k, row in whole.items():
+        selected = mask & (age == k)[:, None]
+        r, w = ratio[selected].double(), weight[selected].double()
+        assert row["tokens"] == selected.sum() and row["weight_max"] == pytest.approx(w.max().item())
+        assert row["ratio_var"] == pytest.approx(r.var(correction=0).item(), abs=1e-12)
+        assert row["weight_ESS"] == pytest.approx((w.sum() ** 2 / (len(w) * w.pow(2).sum())).item())
+        assert row["clip_fraction"] == pytest.approx(((r - 1).abs() > 0.2).double().mean().item())
+        for field, value in row.items():
+            assert merged[k][field] == pytest.approx(value, rel=1e-12, abs=1e-15), field

@@ -12,7 +12,7 @@ from torchrl.modules.llm import TransformersWrapper
 from torchrl.objectives.llm import GRPOLoss
 
 from torchrl_r2vpo.collectors import collect_batch, stop_token_ids, TransformersBackend
-from torchrl_r2vpo.data import group_advantages, staleness_stats
+from torchrl_r2vpo.data import group_advantages, STALENESS_FIELDS, staleness_stats
 from torchrl_r2vpo.envs import next_token_actor, sequences_from_rollout, TokenGenerationEnv
 from torchrl_r2vpo.math_task import (
     build_math_lm,
@@ -274,7 +274,8 @@ def test_staleness_stats_respects_the_mask():
     stats = staleness_stats(ratio, torch.tensor([0, 2]), mask)
     assert stats["stale0/ratio_var"] == 0.0 and stats["stale0/ESS"] == 1.0
     assert stats["stale2/ratio_mean"] == 1.0 and stats["stale2/ratio_var"] == 0.25
-    assert set(stats) == {f"stale{k}/{s}" for k in (0, 2) for s in ("ratio_mean", "ratio_var", "ESS")}
+    assert stats["stale2/tokens"] == 2 and stats["stale2/weight_mean"] == 1.0  # no weights: w = 1
+    assert set(stats) == {f"stale{k}/{s}" for k in (0, 2) for s in STALENESS_FIELDS}
 
 
 def test_sequence_batch_keys_are_what_torchrl_llm_losses_read(tokenizer, model):

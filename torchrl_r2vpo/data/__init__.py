@@ -10,10 +10,12 @@ from torchrl_r2vpo.data.llm import (
     FULL_TOKENS_KEY,
     group_advantages,
     PROMPT_TOKENS_KEY,
+    PROXIMAL_LOG_PROBS_KEY,
     RESPONSE_TOKENS_KEY,
     sequence_batch,
 )
-from torchrl_r2vpo.data.staleness import staleness_stats
+from torchrl_r2vpo.data.staleness import (merge_staleness_sums, STALENESS_FIELDS, staleness_stats,
+                                          staleness_sums, staleness_table)
 
 __all__ = [
     "ASSISTANT_MASK_KEY",
@@ -21,8 +23,13 @@ __all__ = [
     "FULL_LOG_PROBS_KEY",
     "FULL_TOKENS_KEY",
     "PROMPT_TOKENS_KEY",
+    "PROXIMAL_LOG_PROBS_KEY",
     "RESPONSE_TOKENS_KEY",
+    "STALENESS_FIELDS",
     "group_advantages",
+    "merge_staleness_sums",
     "sequence_batch",
     "staleness_stats",
+    "staleness_sums",
+    "staleness_table",
 ]

@@ -13,6 +13,9 @@
 ``("next", "reward")``, ``("next", "done")``   verifier score ``[N, 1]``; ``True``
 ``"group"``, ``"problem_index"``               prompt index in the batch; in the dataset
 ``"policy_version"``                           version of the policy that sampled it
+``("proximal_log_probs", "full")``             optional: the log-probabilities under the
+                                               policy at the start of the current update
+                                               (see :mod:`torchrl_r2vpo.objectives.proximal`)
 ============================================  ==========================================
 
 The nested keys are public constants, so code that reads a batch names them once.
@@ -29,6 +32,7 @@ __all__ = [
     "FULL_LOG_PROBS_KEY",
     "FULL_TOKENS_KEY",
     "PROMPT_TOKENS_KEY",
+    "PROXIMAL_LOG_PROBS_KEY",
     "RESPONSE_TOKENS_KEY",
     "group_advantages",
     "sequence_batch",
@@ -40,6 +44,7 @@ FULL_TOKENS_KEY = ("tokens", "full")
 ATTENTION_MASK_KEY = ("masks", "all_attention_mask")
 ASSISTANT_MASK_KEY = ("masks", "all_assistant_mask")
 FULL_LOG_PROBS_KEY = ("log_probs", "full")
+PROXIMAL_LOG_PROBS_KEY = ("proximal_log_probs", "full")
 
 
 def sequence_batch(

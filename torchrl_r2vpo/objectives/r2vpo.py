@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tensordict import is_tensor_collection, TensorDict, TensorDictBase
+from tensordict import is_tensor_collection, NestedKey, TensorDict, TensorDictBase
 from tensordict.nn import dispatch, ProbabilisticTensorDictSequential, TensorDictModule
 from torchrl.objectives import PPOLoss
 
@@ -19,6 +20,11 @@ from torchrl_r2vpo._compat import (
     ppo_log_weight,
     reduce_loss,
     sum_td_features,
+)
+from torchrl_r2vpo.objectives.proximal import (
+    behaviour_log_weight,
+    check_max_behaviour_weight,
+    check_ratio_form,
 )
 from torchrl_r2vpo.objectives.ratio_variance import (
     at_least_float32,
@@ -66,6 +72,26 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
     maps to the variance target ``delta = 2 * kl_target`` for small steps; pass
     ``kl_target=`` instead of ``ratio_var_target=`` to use it.
 
+    **Stale data.** When the input also holds the log-probabilities under the
+    *proximal* policy ``pi_prox``, the policy at the start of the current update
+    (tensor key ``proximal_log_prob``, computed once per update without gradient for
+    every stored sample, fresh and replayed), the ratio is decoupled
+    (``ratio="proximal"``, the default; :mod:`torchrl_r2vpo.objectives.proximal`):
+
+    .. code-block:: text
+
+        r = pi_theta / pi_prox,   w = sg(min(pi_prox / pi_b, c))
+        loss = -mean(w * r * A) + lambda * mean((r - rbar)^2)
+
+    so the constraint, ``ratio_var`` (which the dual variable reads) and the ratio
+    diagnostics (``ESS``, ``clip_fraction``, ``mean_ratio``, ``max_ratio``, and
+    ``kl_approx``, then ``log(pi_prox / pi_theta)``) measure the step of this update
+    (``r == 1``, up to rounding, at its first optimiser step, whatever the data's age), while ``w``
+    corrects for the age of the data. Without the key, or with ``pi_prox == pi_b``
+    (nothing stale), the loss is the one above, value and gradient.
+    ``ratio="behaviour"`` ignores the key: ``r = pi_theta / pi_b``, whose penalty
+    pulls the policy back toward the old policies that sampled stale data.
+
     The loss owns ``lambda`` (the ``lagrange_multiplier`` buffer) but never
     updates it: :class:`~torchrl_r2vpo.DualVariableScheduler` does, from the
     ``ratio_var`` the loss reports. Without a scheduler ``lambda`` stays fixed,
@@ -98,6 +124,11 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             ratios or advantages at valid positions. Costs one host-device
             synchronisation per call; it is skipped under ``torch.compile``,
             and can be disabled for CUDA-graph loops. Defaults to ``True``.
+        ratio (str, optional): ``"proximal"`` (decoupled, when the input holds
+            the proximal log-probabilities) or ``"behaviour"``. Defaults to
+            ``"proximal"``.
+        max_behaviour_weight (float, optional): the truncation ``c >= 1`` of the
+            behaviour weight ``w``; ``None`` for none. Defaults to ``2.0``.
         **kwargs: every other :class:`~torchrl.objectives.PPOLoss` keyword
             argument (``entropy_coeff``, ``critic_coeff``, ``loss_critic_type``,
             ``normalize_advantage``, ``reduction``, ``functional``,
@@ -109,7 +140,18 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
     to the *proximal* policy: the behaviour policy by default, or the delayed
     copy of the actor with ``delay_actor=True`` (PPO-EWMA), exactly where
     :class:`~torchrl.objectives.ClipPPOLoss` applies its clip. Without
-    ``delay_actor`` and ``max_importance_ratio`` the two coincide.
+    ``delay_actor`` and ``max_importance_ratio`` the two coincide. With the
+    ``proximal_log_prob`` key (``ratio="proximal"``) the proximal policy is the
+    stored one, and ``max_importance_ratio`` caps ``w * r``; the key and
+    ``delay_actor`` (a second proximal policy) are exclusive: the loss raises a
+    ``ValueError`` when given both.
+
+    The input keys are TorchRL's (:meth:`~torchrl.objectives.LossModule.set_keys`:
+    ``advantage``, ``value_target``, ``value``, ``sample_log_prob``, ``action``,
+    ``reward``, ``done``, ``terminated``) and ``proximal_log_prob``
+    (default ``"proximal_log_prob"``, optional: the joint log-probability
+    :math:`\log \pi_{prox}(a|s)` of the stored action, shaped as ``sample_log_prob``
+    or, for a composite action, as the advantage without its last dimension).
 
     The output holds ``loss_objective``, ``loss_ratio_var`` and, when enabled,
     ``loss_entropy`` and ``loss_critic`` (trainers sum the ``loss_*`` entries),
@@ -162,6 +204,16 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         True
     """
 
+    @dataclass
+    class _AcceptedKeys(PPOLoss._AcceptedKeys):
+        """PPOLoss's keys, and ``proximal_log_prob``: the log-probability of the stored
+        action under the policy at the start of the current update (optional)."""
+
+        proximal_log_prob: NestedKey = "proximal_log_prob"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+
     def __init__(
         self,
         actor_network: ProbabilisticTensorDictSequential | None = None,
@@ -173,9 +225,13 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         variance_center: Literal["mean", "one"] = "mean",
         diagnostic_clip_epsilon: float = 0.2,
         check_finite: bool = True,
+        ratio: Literal["proximal", "behaviour"] = "proximal",
+        max_behaviour_weight: float | None = 2.0,
         device: torch.device | None = None,
         **kwargs,
     ):
+        check_ratio_form(ratio)
+        check_max_behaviour_weight(max_behaviour_weight)
         if "clip_epsilon" in kwargs:
             raise TypeError(
                 "R2VPOLoss does not clip the ratio; pass diagnostic_clip_epsilon "
@@ -196,6 +252,8 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         self.variance_center = variance_center
         self.diagnostic_clip_epsilon = diagnostic_clip_epsilon
         self.check_finite = check_finite
+        self.ratio = ratio
+        self.max_behaviour_weight = max_behaviour_weight
 
     @property
     def out_keys(self):
@@ -250,9 +308,11 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         ratios: torch.Tensor,
         advantage: torch.Tensor,
         mask: torch.Tensor | None,
+        proximal: torch.Tensor | None = None,
     ) -> None:
         """Raises a ``ValueError`` naming the input that made ``ratios`` (the proximal and
-        behaviour ratios, stacked) or the advantage non-finite at valid positions."""
+        behaviour ratios, stacked) or the advantage non-finite at valid positions;
+        ``proximal`` is the stored proximal log-probability, if read."""
         def finite(value):
             valid = torch.isfinite(value)
             return (valid if mask is None else valid | ~mask).all()
@@ -278,6 +338,12 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
                 f"The behaviour log-probability (key {key!r}) holds NaN or inf at "
                 "valid positions."
             )
+        if proximal is not None and not all_finite(proximal):
+            raise ValueError(
+                "The proximal log-probability (key "
+                f"{self.tensor_keys.proximal_log_prob!r}) holds NaN or inf at valid "
+                "positions."
+            )
         if not all_finite(log_weight):
             raise ValueError(
                 "The current policy's log-probability of the stored action (key "
@@ -290,6 +356,56 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             "extremely far from the one that collected the data (stale data, or "
             "too large a step)."
         )
+
+    def _decoupled_log_weight(
+        self,
+        tensordict: TensorDictBase,
+        log_weight: torch.Tensor,
+        log_is_weight: torch.Tensor | None,
+        kl_approx: torch.Tensor,
+        adv_shape: torch.Size,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The ratio against the proximal policy, when ``ratio="proximal"`` and the input
+        holds ``proximal_log_prob``; else the arguments unchanged, and ``None``.
+
+        From ``log_weight = log(pi_theta / pi_b)`` it returns ``log(pi_theta / pi_prox)``,
+        the detached ``log w = log min(pi_prox / pi_b, c)`` as the ``log_is_weight`` (capped
+        further so that ``w * r <= max_importance_ratio`` if that is set), the
+        ``kl_approx`` ``log(pi_prox / pi_theta)``, and ``log pi_prox`` shaped as
+        ``log_weight`` (for :meth:`_check_finite`). With ``pi_prox == pi_b`` the ratio
+        is bit for bit the behaviour one and ``log w == 0``.
+        """
+        key = self.tensor_keys.proximal_log_prob
+        proximal = tensordict.get(key, None) if self.ratio == "proximal" else None
+        if proximal is None:
+            return log_weight, log_is_weight, kl_approx, None
+        if self.delay_actor:
+            raise ValueError(
+                f"The input holds proximal log-probabilities (key {key!r}) and the loss has "
+                "delay_actor=True: two proximal policies. Drop the key, or use "
+                "ratio='behaviour' or delay_actor=False."
+            )
+        if is_tensor_collection(proximal):  # per head: the joint log-probability
+            proximal = sum_td_features(proximal)
+        behaviour = maybe_get_or_select(tensordict, self.tensor_keys.sample_log_prob, adv_shape)
+        if is_tensor_collection(behaviour):
+            behaviour = sum_td_features(behaviour)
+        if proximal.numel() != log_weight.numel():
+            raise ValueError(
+                f"The proximal log-probability (key {key!r}) has shape "
+                f"{tuple(proximal.shape)}; expected one value per sample, as the behaviour "
+                f"log-probability {tuple(behaviour.shape)}."
+            )
+        proximal = proximal.detach().reshape(log_weight.shape).to(log_weight.dtype)
+        behaviour = behaviour.reshape(log_weight.shape).to(log_weight.dtype)
+        # non-finite at padding only (else _check_finite names it); the mask drops it
+        log_weight = log_weight - (proximal - behaviour)
+        log_is_weight = behaviour_log_weight(proximal, behaviour, self.max_behaviour_weight)
+        if self.max_importance_ratio is not None:
+            log_is_weight = torch.minimum(
+                log_is_weight, self.max_importance_ratio.log() - log_weight.detach()
+            )
+        return log_weight, log_is_weight, -log_weight.detach(), proximal
 
     def _critic_loss_inputs(self, target_return, state_value, old_state_value):
         # the critic's prediction, for the explained variance (with separate_losses,
@@ -342,6 +458,9 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         log_weight = at_least_float32(log_weight)
         if log_is_weight is not None:
             log_is_weight = at_least_float32(log_is_weight)
+        log_weight, log_is_weight, kl_approx, proximal = self._decoupled_log_weight(
+            tensordict, log_weight, log_is_weight, kl_approx, adv_shape=advantage.shape[:-1]
+        )
         advantage = broadcast_advantage_to_log_weight(advantage, log_weight)
         check_advantage_broadcast(advantage, log_weight)
         mask = input_validity_mask(self, tensordict, log_weight)
@@ -351,7 +470,8 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             if log_is_weight is not None:
                 log_is_weight = torch.where(mask, log_is_weight, 0)
         # the constraint acts on the proximal ratio (the behaviour ratio unless
-        # delay_actor), uncapped; the objective on the (capped) behaviour ratio
+        # delay_actor or the proximal key), uncapped; the objective on the (capped,
+        # weighted) behaviour ratio
         ratio = log_weight.exp()
         if log_is_weight is None:
             behaviour_ratio = ratio
@@ -359,7 +479,7 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             behaviour_ratio = (log_weight + log_is_weight).exp()
         if self.check_finite and not is_dynamo_compiling():
             self._check_finite(tensordict, log_weight, torch.stack([ratio, behaviour_ratio]),
-                               advantage, mask)
+                               advantage, mask, proximal)
 
         if self.variance_center == "mean":
             center = masked_mean(ratio.detach(), mask)

@@ -154,6 +154,13 @@ class ControlConfig:
     """r2vpo: dual step size per optimiser step (--dual adaptive)"""
     reuse: NonNegativeInt = 0
     """also train on the previous K batches (stale data)"""
+    ratio: Literal["proximal", "behaviour"] = "proximal"
+    """r2vpo: the constrained ratio is pi_theta / pi_prox, pi_prox the policy at the start of
+    the update, with stale data weighted by pi_prox / pi_behaviour (decoupled), or
+    pi_theta / pi_behaviour (the papers' literal reading); the same without --reuse"""
+    max_behaviour_weight: Coefficient = 2.0
+    """r2vpo, --ratio proximal: truncation of the stale-data weight pi_prox / pi_behaviour
+    (0: none, else >= 1)"""
     eval_every: Count = 50_000
     """frames between deterministic evaluations"""
     eval_episodes: Count = 4
@@ -203,6 +210,7 @@ class ControlConfig:
         if self.minibatch_size > self.frames_per_batch:
             raise ConfigError(f"--minibatch-size must be in [1, --frames-per-batch "
                               f"{self.frames_per_batch}], got {self.minibatch_size}.")
+        check_behaviour_weight(self.max_behaviour_weight)
         if self.collector == "ray" and (self.num_workers < 2 or self.playground):
             raise ConfigError("--collector ray runs --num-workers >= 2 workers as Ray actors; "
                               "one worker, and Playground's batch, collect in this process.")
@@ -247,6 +255,9 @@ class LLMConfig:
     """longest completion, in tokens"""
     reuse: NonNegativeInt = 2
     """also train on the K previous batches (stale data, tagged by policy version)"""
+    lag: NonNegativeInt = 0
+    """each batch is sampled by the policy of K updates ago, as in an asynchronous pipeline
+    (stale data, tagged by policy version; the trainer keeps the last K weight snapshots)"""
     epochs: Count = 1
     """passes over the stored batches per iteration"""
     minibatch_size: Count = 32
@@ -262,9 +273,22 @@ class LLMConfig:
     dual: Literal["adaptive", "fixed"] = "adaptive"
     """r2vpo: lambda follows dual ascent on Var(r) - delta, or stays fixed"""
     dual_lr: Coefficient = 10.0
-    """r2vpo: dual step size per optimiser step (--dual adaptive)"""
-    lambda_max: Coefficient = 0.0
-    """r2vpo: cap of the adaptive lambda (0: none), which stale batches can otherwise inflate"""
+    """r2vpo: dual step size per --dual-every (--dual adaptive)"""
+    dual_every: Literal["iteration", "minibatch"] = "iteration"
+    """r2vpo: step the dual once per iteration on Var(r) pooled over its minibatches, or
+    after every minibatch"""
+    lambda_max: Coefficient = 2.5
+    """r2vpo: cap of the adaptive lambda (0: none); 2.5 = 1 / (2 x 0.2): a token with |A| = 1
+    may still move its ratio by 0.2 from the mean, GRPO's clip range"""
+    ratio: Literal["proximal", "behaviour"] = "proximal"
+    """r2vpo: the constrained ratio is pi_theta / pi_prox, pi_prox the policy at the start of
+    the update, with stale data weighted by pi_prox / pi_behaviour (decoupled), or
+    pi_theta / pi_behaviour (the papers' literal reading)"""
+    variance_center: Literal["mean", "one"] = "mean"
+    """r2vpo: the penalty is lambda (r - c)^2 with c the batch's mean ratio, or 1"""
+    max_behaviour_weight: Coefficient = 2.0
+    """the truncation of the stale-data weight pi_prox / pi_behaviour of r2vpo (--ratio
+    proximal) and grpo-tis, the mask bound of grpo-decoupled (0: none, else >= 1)"""
     kl_to_ref: Coefficient = 0.0
     """coefficient of the k3 KL to the initial model (0: none), as GRPOLoss's kl_to_ref_coeff"""
     entropy_coeff: Coefficient = 0.01
@@ -313,6 +337,7 @@ class LLMConfig:
             kind = "levels" if self.task == "arithmetic" else "digit counts"
             raise ConfigError(f"--difficulty must be comma-separated {kind} among "
                               f"{', '.join(allowed)} for --task {self.task}, got {self.difficulty!r}.")
+        check_behaviour_weight(self.max_behaviour_weight)
         if 0 < self.lambda_max < self.lagrange_multiplier:
             raise ConfigError(f"--lambda-max must be 0 (no cap) or >= --lagrange-multiplier "
                               f"{self.lagrange_multiplier}, got {self.lambda_max}.")
@@ -320,6 +345,13 @@ class LLMConfig:
         if self.rollouts % batch:
             raise ConfigError(f"--rollouts {self.rollouts} must be a multiple of --num-prompts x "
                               f"--group-size = {batch} (the completions of one iteration).")
+
+
+def check_behaviour_weight(value: float) -> None:
+    """``--max-behaviour-weight`` is 0 (no bound) or at least 1 (a bound under 1 would
+    down-weight fresh data, whose weight is 1)."""
+    if 0 < value < 1:
+        raise ConfigError(f"--max-behaviour-weight must be 0 (no bound) or >= 1, got {value}.")
 
 
 def validate(cfg) -> None:

@@ -2,8 +2,9 @@
 
 Networks (:func:`make_agent`), the loss and its dual-variable scheduler (:func:`make_loss`),
 the optimiser (:func:`make_optimizer`), the collector (:func:`make_collector`), evaluation of the
-deterministic policy (:func:`evaluate`, :func:`eval_seed`), the ratio statistics of replayed
-data by age (:func:`ratio_stats_by_staleness`), reloading a trained policy (:func:`load_actor`)
+deterministic policy (:func:`evaluate`, :func:`eval_seed`), the log-probabilities of stored
+actions (:func:`action_log_probs`, e.g. the proximal policy's) and their ratio statistics by age
+(:func:`ratio_stats_by_staleness`), reloading a trained policy (:func:`load_actor`)
 and the run's plot and GIF. They read their settings from a
 :class:`~torchrl_r2vpo.recipes.config.ControlConfig`.
 
@@ -41,10 +42,10 @@ from torchrl_r2vpo.objectives import DualVariableScheduler, R2VPOLoss
 from torchrl_r2vpo.recipes.config import ControlConfig
 from torchrl_r2vpo.record import record_rollout_gif
 
-__all__ = ["CURVE_FIELDS", "EVAL_SEED", "RAY_WORKER", "episode_returns", "eval_seed", "evaluate",
-           "load_actor", "load_optimizer_state", "make_agent", "make_collector", "make_loss",
-           "make_optimizer", "plot_curve", "ratio_stats_by_staleness", "set_lr",
-           "try_record_video"]
+__all__ = ["CURVE_FIELDS", "EVAL_SEED", "RAY_WORKER", "action_log_probs", "episode_returns",
+           "eval_seed", "evaluate", "load_actor", "load_optimizer_state", "make_agent",
+           "make_collector", "make_loss", "make_optimizer", "plot_curve",
+           "ratio_stats_by_staleness", "set_lr", "try_record_video"]
 
 # the columns of curve.csv, one row per collected batch
 CURVE_FIELDS = ["frames", "time_s", "fps", "update_s", "train_return", "eval_return",
@@ -90,14 +91,17 @@ def make_loss(cfg: ControlConfig, actor: ProbabilisticActor, critic: ValueOperat
     """``cfg.loss``: :class:`~torchrl_r2vpo.R2VPOLoss` with its
     :class:`~torchrl_r2vpo.DualVariableScheduler` (step size 0 when ``cfg.dual`` is fixed), or
     TorchRL's ``ClipPPOLoss`` and ``None``; both with an L2 critic loss and normalised
-    advantages."""
+    advantages. R2VPO takes ``cfg.ratio`` and ``cfg.max_behaviour_weight`` (0: no bound); its
+    ratio is decoupled where the data carry the proximal log-probabilities
+    (:func:`action_log_probs` before the update)."""
     common = dict(entropy_coeff=cfg.entropy_coeff, critic_coeff=cfg.critic_coeff,
                   loss_critic_type="l2", normalize_advantage=True)
     if cfg.loss == "ppo":
         return ClipPPOLoss(actor, critic, clip_epsilon=cfg.clip_epsilon, **common), None
     loss = R2VPOLoss(actor, critic, lagrange_multiplier=cfg.lagrange_multiplier,
                      ratio_var_target=cfg.ratio_var_target,
-                     diagnostic_clip_epsilon=cfg.clip_epsilon, **common)
+                     diagnostic_clip_epsilon=cfg.clip_epsilon, ratio=cfg.ratio,
+                     max_behaviour_weight=cfg.max_behaviour_weight or None, **common)
     scheduler = DualVariableScheduler(loss, lr=cfg.dual_lr if cfg.dual == "adaptive" else 0.0)
     return loss, scheduler
 
@@ -223,18 +227,43 @@ def load_actor(path: Path, env: EnvBase) -> tuple[ControlConfig, ProbabilisticAc
     return cfg, actor
 
 
-def ratio_stats_by_staleness(actor: ProbabilisticActor, stored: TensorDict, version: int,
-                             log_prob_key: str = "action_log_prob") -> dict[str, float]:
-    """Mean and variance of the ratio :math:`\\pi_\\theta(a|s) / \\pi_b(a|s)` of the stored
-    transitions, for each data age ``version - policy_version`` (0: this batch).
+def action_log_probs(actor: ProbabilisticActor, stored: TensorDict) -> torch.Tensor:
+    """:math:`\\log \\pi(a|s)` of each stored action under ``actor`` as it is now, without
+    gradient, shaped as ``stored`` (any batch shape, e.g. ``[K + 1, (workers,) envs, T]``).
 
-    ``log_prob_key`` holds :math:`\\log \\pi_b`, the behaviour policy's log-probability (the
-    loss's ``tensor_keys.sample_log_prob``). See :func:`torchrl_r2vpo.data.staleness_stats`.
+    Taken before an update's epochs, these are the proximal policy's log-probabilities, which
+    :class:`~torchrl_r2vpo.R2VPOLoss` reads under its ``tensor_keys.proximal_log_prob``.
     """
     with torch.no_grad():
-        log_prob = actor.get_dist(stored.clone(False)).log_prob(stored["action"])
-        ratio = (log_prob - stored[log_prob_key]).exp()
-    return staleness_stats(ratio, version - stored["policy_version"])
+        return actor.get_dist(stored.clone(False)).log_prob(stored["action"])
+
+
+def ratio_stats_by_staleness(actor: ProbabilisticActor, stored: TensorDict, version: int,
+                             log_prob_key: str = "action_log_prob",
+                             proximal_log_prob_key: str | None = None,
+                             clip_epsilon: float = 0.2) -> dict[str, float]:
+    """The ratio statistics of the stored transitions after an update, for each data age
+    ``version - policy_version`` (0: this batch): ``{"stale{k}/{field}": value}``, with the
+    fields of :func:`torchrl_r2vpo.data.staleness_stats`.
+
+    ``log_prob_key`` holds :math:`\\log \\pi_b`, the behaviour policy's log-probability (the
+    loss's ``tensor_keys.sample_log_prob``). When ``stored`` also holds
+    ``proximal_log_prob_key`` (:math:`\\log \\pi_{prox}`: :func:`action_log_probs` before the
+    update), the ratio is :math:`\\pi_\\theta / \\pi_{prox}`, the step of this
+    update, and the weight :math:`\\pi_{prox} / \\pi_b` (untruncated); else the ratio is
+    :math:`\\pi_\\theta / \\pi_b` and the weight 1. ``clip_epsilon`` is the band of
+    ``clip_fraction``.
+    """
+    log_prob = action_log_probs(actor, stored)  # pi_theta: the actor after the update
+    behaviour = stored[log_prob_key]
+    weight = None
+    if proximal_log_prob_key is not None and proximal_log_prob_key in stored.keys(True):
+        proximal = stored[proximal_log_prob_key]
+        ratio, weight = (log_prob - proximal).exp(), (proximal - behaviour).exp()
+    else:
+        ratio = (log_prob - behaviour).exp()
+    return staleness_stats(ratio, version - stored["policy_version"], weight=weight,
+                           clip_epsilon=clip_epsilon)
 
 
 def try_record_video(env_name: str, actor: ProbabilisticActor, path: Path, seed: int,

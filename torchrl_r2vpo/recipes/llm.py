@@ -2,14 +2,18 @@
 
 The task (:func:`make_task`: generated problems as a token-generation environment), the loss
 and its dual-variable scheduler (:func:`make_loss`), the rollout backend
-(:func:`make_backend`), the reference model's log-probabilities for a KL penalty
-(:func:`reference_log_probs`), the per-token ratios of replayed completions by age
-(:func:`ratios_by_age`) and the run's plot (:func:`plot_run`). They read their settings from
-an :class:`~torchrl_r2vpo.recipes.config.LLMConfig`.
+(:func:`make_backend`) and the policy it samples with, ``--lag`` updates behind
+(:class:`LaggedPolicy`), a model's log-probabilities of stored sequences (the reference's for a
+KL penalty, the proximal policy's for a decoupled loss: :func:`sequence_log_probs`), the
+statistics of an update by data age (:func:`update_staleness`) and the run's plot
+(:func:`plot_run`). They read their settings from an
+:class:`~torchrl_r2vpo.recipes.config.LLMConfig`.
 """
 
 from __future__ import annotations
 
+import collections
+import copy
 from pathlib import Path
 
 import torch
@@ -18,7 +22,8 @@ from torch import nn
 
 from torchrl_r2vpo.collectors import response_log_probs, stop_token_ids, TransformersBackend, VLLMBackend
 from torchrl_r2vpo.data import (ASSISTANT_MASK_KEY, ATTENTION_MASK_KEY, FULL_LOG_PROBS_KEY,
-                                PROMPT_TOKENS_KEY, RESPONSE_TOKENS_KEY)
+                                PROMPT_TOKENS_KEY, PROXIMAL_LOG_PROBS_KEY,
+                                RESPONSE_TOKENS_KEY, STALENESS_FIELDS, staleness_sums)
 from torchrl_r2vpo.envs import TokenGenerationEnv
 from torchrl_r2vpo.math_task import (
     EVAL_SEED,
@@ -33,13 +38,16 @@ from torchrl_r2vpo.objectives import DualVariableScheduler
 from torchrl_r2vpo.objectives.llm import make_llm_loss
 from torchrl_r2vpo.recipes.config import LLMConfig
 
-__all__ = ["CURVE_FIELDS", "TEST_SEED", "held_out_accuracy", "keep_ratio_samples", "make_backend",
-           "make_loss", "make_task", "plot_run", "ratios_by_age", "reference_log_probs"]
+__all__ = ["CURVE_FIELDS", "LaggedPolicy", "STALENESS_CSV_FIELDS", "TEST_SEED", "held_out_accuracy",
+           "keep_ratio_samples", "make_backend", "make_loss", "make_task", "plot_run",
+           "sequence_log_probs", "update_staleness"]
 
 # the columns of curve.csv, one row per iteration
 CURVE_FIELDS = ["rollouts", "time_s", "tokens_per_s", "train_reward", "test_accuracy", "test_greedy",
                 "lagrange_multiplier", "ratio_var", "ESS", "clip_fraction", "kl_approx",
                 "loss_objective", "kl_to_ref", "grad_norm"]
+# the columns of staleness.csv, one row per iteration and data age (data.staleness)
+STALENESS_CSV_FIELDS = ["rollouts", "age", *STALENESS_FIELDS]
 
 # the held-out arithmetic problems are the same for every run seed (reversed-addition: EVAL_SEED)
 TEST_SEED = 10_000
@@ -103,12 +111,17 @@ def make_loss(cfg: LLMConfig, scorer) -> tuple[nn.Module, DualVariableScheduler 
     ``cfg.lambda_max`` unless 0), else ``None``.
 
     Every loss gets the k3 KL to the reference model with coefficient ``cfg.kl_to_ref``
-    (none if 0) and the entropy bonus ``cfg.entropy_coeff`` (none if 0).
+    (none if 0) and the entropy bonus ``cfg.entropy_coeff`` (none if 0). R2VPO takes
+    ``cfg.ratio`` and, with the stale-data baselines ``grpo-decoupled`` and ``grpo-tis``,
+    ``cfg.max_behaviour_weight`` (0: none).
     """
     kwargs = dict(kl_to_ref_coeff=cfg.kl_to_ref or None, entropy_bonus=cfg.entropy_coeff > 0,
                   entropy_coeff=cfg.entropy_coeff)
     if cfg.loss == "r2vpo":
-        kwargs.update(lagrange_multiplier=cfg.lagrange_multiplier, ratio_var_target=cfg.ratio_var_target)
+        kwargs.update(lagrange_multiplier=cfg.lagrange_multiplier, ratio_var_target=cfg.ratio_var_target,
+                      ratio=cfg.ratio, variance_center=cfg.variance_center)
+    if cfg.loss in ("r2vpo", "grpo-decoupled", "grpo-tis"):
+        kwargs.update(max_behaviour_weight=cfg.max_behaviour_weight or None)
     loss = make_llm_loss(cfg.loss, scorer, **kwargs)
     scheduler = None
     if cfg.loss == "r2vpo" and cfg.dual == "adaptive":
@@ -132,34 +145,96 @@ def make_backend(cfg: LLMConfig, model: nn.Module, tokenizer, out: Path, version
                        seed=cfg.seed + version)
 
 
-def reference_log_probs(reference: nn.Module, batch: TensorDictBase) -> torch.Tensor:
-    """The reference model's log-probabilities of a batch's sequences, ``[N, prompt +
-    response]``: 0 over the prompt, the KL penalty's ``("next", "ref_log_probs", "full")``."""
+class LaggedPolicy:
+    """The policy a sampler uses ``lag`` updates behind the trainer, as in an asynchronous
+    pipeline: a copy of the model holding the weights of version ``max(0, v - lag)`` while the
+    trainer is at version ``v`` (the model itself, always current, for ``lag == 0``).
+
+    It keeps the weights of the last ``lag + 1`` versions (on the CPU); they are in its
+    ``state_dict``, so that a resumed run samples with the same weights.
+    """
+
+    def __init__(self, model: nn.Module, lag: int, version: int = 0):
+        self.lag = lag
+        self.model = copy.deepcopy(model).requires_grad_(False) if lag else model
+        self.version = version
+        self._snapshots = collections.deque([(version, _cpu_state(model))] if lag else [],
+                                            maxlen=lag + 1)
+
+    def push(self, model: nn.Module, version: int) -> None:
+        """Records the trainer's weights at ``version``; the sampler moves to the oldest kept."""
+        if not self.lag:
+            self.version = version
+            return
+        self._snapshots.append((version, _cpu_state(model)))
+        self._load_oldest()
+
+    def _load_oldest(self) -> None:
+        self.version, state = self._snapshots[0]
+        self.model.load_state_dict(state)
+
+    def state_dict(self) -> dict:
+        return {"version": self.version, "snapshots": list(self._snapshots)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.version = state["version"]
+        if self.lag:
+            self._snapshots = collections.deque(state["snapshots"], maxlen=self.lag + 1)
+            self._load_oldest()
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def sequence_log_probs(model: nn.Module, batch: TensorDictBase, chunk: int = 256) -> torch.Tensor:
+    """``model``'s log-probabilities of a batch's completions, ``[N, prompt + response]`` (0
+    over the prompt and padding), ``chunk`` sequences at a time: the layout of
+    ``("log_probs", "full")``. With the initial model it is the KL penalty's
+    ``("next", "ref_log_probs", "full")``; with the model at the start of an update, the
+    proximal log-probabilities ``("proximal_log_probs", "full")``."""
     width = batch[PROMPT_TOKENS_KEY].shape[-1]
-    return torch.cat([
-        torch.zeros(batch[PROMPT_TOKENS_KEY].shape),
-        response_log_probs(reference, batch[PROMPT_TOKENS_KEY],
-                           batch[ATTENTION_MASK_KEY][:, :width],
-                           batch[RESPONSE_TOKENS_KEY],
-                           batch[ASSISTANT_MASK_KEY][:, width:])], -1)
+    parts = []
+    for rows in batch.split(chunk):
+        parts.append(torch.cat([
+            torch.zeros(rows[PROMPT_TOKENS_KEY].shape),
+            response_log_probs(model, rows[PROMPT_TOKENS_KEY], rows[ATTENTION_MASK_KEY][:, :width],
+                               rows[RESPONSE_TOKENS_KEY], rows[ASSISTANT_MASK_KEY][:, width:])], -1))
+    return torch.cat(parts)
 
 
-def ratios_by_age(model: nn.Module, stored: TensorDictBase, version: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token ratios :math:`\\pi_\\theta / \\pi_b` of the stored completions ``[N, T]``,
-    their mask ``[N, T]`` and their age ``version - policy_version`` ``[N]``."""
+@torch.no_grad()
+def update_staleness(model: nn.Module, stored: TensorDictBase, version: int,
+                     clip_epsilon: float = 0.2, chunk: int = 256
+                     ) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the update just made of the stored completions, by data age.
+
+    Scores them with ``model`` (after the update), ``chunk`` sequences at a time, and
+    returns:
+
+    * the sums of :func:`~torchrl_r2vpo.data.staleness_sums` per age of the step
+      ``r = pi_theta / pi_prox`` and the behaviour weight ``w = pi_prox / pi_behaviour``
+      (``pi_prox``: ``("proximal_log_probs", "full")``, the policy before the update; the
+      behaviour ratio and ``w = 1`` without it);
+    * the per-token behaviour ratios ``pi_theta / pi_behaviour`` ``[N, T]``, their mask and
+      each row's age ``version - policy_version`` ``[N]``, what :func:`keep_ratio_samples`
+      keeps for the plot.
+    """
     width = stored[PROMPT_TOKENS_KEY].shape[-1]
-    mask = stored[ASSISTANT_MASK_KEY][:, width:]
-    log_probs = response_log_probs(model, stored[PROMPT_TOKENS_KEY],
-                                   stored[ATTENTION_MASK_KEY][:, :width],
-                                   stored[RESPONSE_TOKENS_KEY], mask)
-    ratio = (log_probs - stored[FULL_LOG_PROBS_KEY][:, width:]).exp()
-    return ratio, mask, version - stored["policy_version"]
+    mask, age = stored[ASSISTANT_MASK_KEY][:, width:], version - stored["policy_version"]
+    current = sequence_log_probs(model, stored, chunk)[:, width:]
+    behaviour = stored[FULL_LOG_PROBS_KEY][:, width:]
+    proximal = (stored[PROXIMAL_LOG_PROBS_KEY][:, width:]
+                if PROXIMAL_LOG_PROBS_KEY in stored.keys(True) else behaviour)
+    sums = staleness_sums((current - proximal).exp(), age, mask, (proximal - behaviour).exp(),
+                          clip_epsilon)
+    return sums, (current - behaviour).exp(), mask, age
 
 
 def keep_ratio_samples(samples: dict[int, list[torch.Tensor]], ratio: torch.Tensor,
                        mask: torch.Tensor, age: torch.Tensor, last: int = 10) -> None:
-    """Adds the masked ratios of each age to ``samples[age]`` (from :func:`ratios_by_age`),
+    """Adds the masked ratios of each age to ``samples[age]`` (from :func:`update_staleness`),
     keeping the ``last`` iterations' ones: what :func:`plot_run` draws."""
     for k in age.unique().tolist():
         kept = samples.setdefault(k, [])
@@ -170,8 +245,8 @@ def keep_ratio_samples(samples: dict[int, list[torch.Tensor]], ratio: torch.Tens
 def plot_run(rows: list[dict], samples: dict[int, list[torch.Tensor]], path: Path,
              title: str) -> None:
     """Plots to ``path`` the training reward and held-out accuracy of a curve's rows against
-    rollouts and against wall-clock seconds, and the distributions of the token ratio by staleness (``samples``, clamped to
-    [0, 3])."""
+    rollouts and against wall-clock seconds, and the distributions of the token ratio by
+    staleness (``samples``, clamped to [0, 3])."""
     import matplotlib
 
     matplotlib.use("Agg")

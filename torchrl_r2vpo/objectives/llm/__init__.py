@@ -20,9 +20,21 @@ registry    class                        per-token loss (``r = exp(log_weight)``
 ``spo``     :class:`SPOLLMLoss`          ``-[r A - |A| / (2 e) (r - 1)^2]``
 ==========  ===========================  =====================================
 
+For stale data, with ``rho = pi_theta / pi_prox`` (``pi_prox``: the policy at the start
+of the update) and ``w = sg(pi_prox / pi_b)`` (:mod:`torchrl_r2vpo.objectives.proximal`):
+
+==================  ===========================  ==========================================
+``r2vpo``           :class:`R2VPOLLMLoss`        ``-min(w, 2) rho A + lambda (rho - rhobar)^2``
+``grpo-decoupled``  :class:`DecoupledGRPOLLMLoss` ``-w min(rho A, clip(rho) A)`` (AReaL)
+``grpo-tis``        :class:`GRPOTISLLMLoss`      ``-min(w, 2) min(rho A, clip(rho) A)``
+``m2po``            :class:`M2POLLMLoss`         ``-M r A``, ``M`` drops the largest
+                                                 ``(log r)^2`` until their mean <= 0.04
+==================  ===========================  ==========================================
+
 :func:`make_llm_loss` builds any of them by name.
 
-**Gradient accumulation.** Every loss here has :meth:`~R2VPOLLMLoss.accumulation`
+**Gradient accumulation.** Every loss here but M2PO (whose mask depends on the whole batch)
+has :meth:`~R2VPOLLMLoss.accumulation`
 (from :class:`~torchrl_r2vpo.objectives.llm.accumulation.GradientAccumulationMixin`),
 a context manager that normalises each micro-batch by the *full* batch's
 valid-token count (and, for R2VPO, centres the ratio on the full batch's mean),
@@ -41,8 +53,11 @@ from torchrl_r2vpo.objectives.llm.accumulation import GradientAccumulationMixin
 from torchrl_r2vpo.objectives.llm.baselines import (
     CISPOLLMLoss,
     DAPOLLMLoss,
+    DecoupledGRPOLLMLoss,
     GPPOLLMLoss,
     GRPOLLMLoss,
+    GRPOTISLLMLoss,
+    M2POLLMLoss,
     SPOLLMLoss,
     TOPRLLMLoss,
 )
@@ -53,10 +68,13 @@ from torchrl_r2vpo.objectives.ratio_variance import merge_ratio_stats
 __all__ = [
     "CISPOLLMLoss",
     "DAPOLLMLoss",
+    "DecoupledGRPOLLMLoss",
     "GPPOLLMLoss",
     "GRPOLLMLoss",
+    "GRPOTISLLMLoss",
     "GradientAccumulationMixin",
     "LLM_LOSSES",
+    "M2POLLMLoss",
     "R2VPOLLMLoss",
     "R2VPOLLMLossOutput",
     "SPOLLMLoss",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tensordict import TensorDictBase
@@ -24,7 +25,9 @@ from torchrl_r2vpo._compat import (
     input_validity_mask,
     reduce_loss,
 )
-from torchrl_r2vpo.data.llm import ASSISTANT_MASK_KEY, ATTENTION_MASK_KEY, PROMPT_TOKENS_KEY
+from torchrl_r2vpo.data.llm import (ASSISTANT_MASK_KEY, ATTENTION_MASK_KEY, PROMPT_TOKENS_KEY,
+                                    PROXIMAL_LOG_PROBS_KEY)
+from torchrl_r2vpo.objectives.proximal import behaviour_log_weight
 from torchrl_r2vpo.objectives.ratio_variance import reject_unknown_kwargs
 
 __all__ = ["AGGREGATIONS", "GradientAccumulationMixin", "MASKING_STRATEGIES"]
@@ -68,9 +71,32 @@ class GradientAccumulationMixin:
       aggregated over the valid tokens as the objective is, not averaged over
       every padded position as GRPOLoss does;
     * unknown keyword arguments raise a ``TypeError`` instead of being ignored.
+
+    It also gives every loss the ``proximal_log_prob`` tensor key (default
+    ``("proximal_log_probs", "full")``), which a *decoupled* loss
+    (``decoupled = True``: :class:`~torchrl_r2vpo.R2VPOLLMLoss` by default, the
+    decoupled GRPO baselines) reads when the input holds it: the ratio is then taken
+    against the proximal policy and the advantage of each token multiplied by the
+    detached behaviour weight ``w = pi_prox / pi_behaviour``, bounded at
+    ``max_behaviour_weight`` (see :mod:`torchrl_r2vpo.objectives.proximal`). For a
+    per-token objective that scales with the advantage, ``L(r, w A) = w L(r, A)`` for
+    ``w >= 0`` (every loss here), this is exactly ``w * L(r, A)``; the
+    KL-to-inference term, which reads the behaviour log-probabilities, then measures
+    the KL to the proximal policy. Without the key the input is used as it is.
     """
 
+    @dataclass
+    class _AcceptedKeys(GRPOLoss._AcceptedKeys):
+        """GRPOLoss's keys, and ``proximal_log_prob``: the log-probabilities under the
+        policy at the start of the current update, read by decoupled losses."""
+
+        proximal_log_prob: NestedKey = PROXIMAL_LOG_PROBS_KEY
+
     _accumulation: _FullBatchNormalizers | None = None
+    # a decoupled loss takes the ratio against the proximal policy when the input has it
+    decoupled: bool = False
+    max_behaviour_weight: float | None = None
+    behaviour_weight_mode: Literal["truncate", "mask"] = "truncate"
     # accumulation() needs num_tokens for prompt_mean too (a penalty that is a token mean)
     _token_mean_terms: bool = False
 
@@ -127,10 +153,10 @@ class GradientAccumulationMixin:
           ``torch.no_grad()`` pass over the micro-batches merged with
           :func:`~torchrl_r2vpo.merge_ratio_stats` (exact; one extra forward), or the merged
           mean of the previous optimiser step (one step stale), or ``1.0`` on
-          the first step on freshly collected data when the behaviour
-          log-probabilities were computed by the trained model itself (then
-          ``r == 1`` exactly). Without it, each micro-batch is centred on its
-          own mean: the penalty becomes the pooled *within*-micro-batch
+          the first step of an update when the ratio's denominator (the proximal
+          log-probabilities of a decoupled loss, else the behaviour ones) was
+          computed by the trained model itself (then ``r == 1`` up to rounding).
+          Without it, each micro-batch is centred on its own mean: the penalty becomes the pooled *within*-micro-batch
           variance, which misses the spread between micro-batch means, and the
           gradient differs from the full-batch one by ``2 lambda (m_k - m) / N``
           per token of micro-batch ``k``. ``variance_center="one"`` needs no
@@ -286,8 +312,44 @@ class GradientAccumulationMixin:
         tensordict.set(self.tensor_keys.advantage, advantage)
         return tensordict
 
+    def _decouple(self, tensordict: TensorDictBase) -> TensorDictBase:
+        """For a decoupled loss whose input holds the proximal log-probabilities, a
+        shallow copy whose behaviour log-probabilities are the proximal ones and whose
+        advantage is ``w * A`` per token (``[N, L, 1]``); else ``tensordict`` itself."""
+        if not self.decoupled:
+            return tensordict
+
+        def padded(key):
+            return tensordict.get(key, None, as_padded_tensor=True, padding_side="left",
+                                  padding_value=0.0)
+
+        proximal, behaviour = padded(self.tensor_keys.proximal_log_prob), padded(
+            self.tensor_keys.sample_log_prob)
+        advantage = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
+        if proximal is None or behaviour is None or advantage is None:
+            return tensordict  # nothing to decouple, or forward names what is missing
+        key = self.tensor_keys.proximal_log_prob
+        if proximal.shape != behaviour.shape:
+            raise ValueError(
+                f"The proximal log-probabilities {key} have shape {tuple(proximal.shape)}, "
+                f"the behaviour ones {self.tensor_keys.sample_log_prob} {tuple(behaviour.shape)}.")
+        if advantage.ndim != 3 or advantage.shape[:2] not in (
+                (behaviour.shape[0], 1), behaviour.shape):
+            return tensordict  # malformed: forward says so
+        if not torch.isfinite(proximal)[self.token_mask(tensordict)].all():
+            raise ValueError(f"The proximal log-probabilities {key} hold NaN or inf at valid "
+                             "tokens.")
+        log_w = behaviour_log_weight(proximal, behaviour, self.max_behaviour_weight,
+                                     self.behaviour_weight_mode)
+        tensordict = tensordict.copy()
+        # a token the behaviour policy left non-finite stays masked
+        tensordict.set(self.tensor_keys.sample_log_prob,
+                       torch.where(torch.isfinite(behaviour), proximal.detach(), behaviour))
+        tensordict.set(self.tensor_keys.advantage, advantage * log_w.exp().unsqueeze(-1))
+        return tensordict
+
     def forward(self, tensordict: TensorDictBase) -> LLMLossOutput:
-        return super().forward(self._zero_unused_advantage(tensordict))
+        return super().forward(self._zero_unused_advantage(self._decouple(tensordict)))
 
     def _token_mean(
         self, value: torch.Tensor, mask: torch.Tensor, tensordict: TensorDictBase | None = None

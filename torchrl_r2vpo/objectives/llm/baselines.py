@@ -1,4 +1,6 @@
-"""The LLM baselines, on R2VPO's data path: GRPO, GRPO-CH (DAPO), CISPO, GPPO, TOPR, SPO.
+"""The LLM baselines, on R2VPO's data path: GRPO, GRPO-CH (DAPO), CISPO, GPPO, TOPR, SPO,
+and the stale-data methods: decoupled GRPO (AReaL), GRPO with truncated importance sampling,
+M2PO.
 
 Each is a :class:`~torchrl.objectives.llm.GRPOLoss` with
 :class:`~torchrl_r2vpo.objectives.llm.accumulation.GradientAccumulationMixin`, so it
@@ -19,15 +21,22 @@ from torchrl.objectives.llm import (
     LLMLossOutput,
 )
 
+from tensordict import TensorDictBase
+from tensordict.utils import expand_as_right
+
 from torchrl_r2vpo._compat import log_clip_bounds
 from torchrl_r2vpo.objectives.llm.accumulation import GradientAccumulationMixin
+from torchrl_r2vpo.objectives.proximal import check_max_behaviour_weight
 from torchrl_r2vpo.objectives.ratio_variance import check_non_negative
 
 __all__ = [
     "CISPOLLMLoss",
     "DAPOLLMLoss",
+    "DecoupledGRPOLLMLoss",
     "GPPOLLMLoss",
     "GRPOLLMLoss",
+    "GRPOTISLLMLoss",
+    "M2POLLMLoss",
     "SPOLLMLoss",
     "TOPRLLMLoss",
     "score_function_unit",
@@ -355,3 +364,145 @@ class SPOLLMLoss(GradientAccumulationMixin, GRPOLoss):
             clip_fraction = outside.to(log_weight.dtype).mean()
         return -(ratio * advantage - penalty), clip_fraction
 
+
+
+class DecoupledGRPOLLMLoss(GRPOLLMLoss):
+    r"""Decoupled GRPO, as AReaL trains on stale data: the clip on the proximal ratio, the
+    behaviour policy corrected by a detached weight.
+
+    .. code-block:: text
+
+        r = pi_theta / pi_prox,   w = sg(pi_prox / pi_b)
+        loss_t = -w * min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
+
+    ``pi_prox`` is the policy at the start of the current update, read from the
+    ``proximal_log_prob`` tensor key (see :mod:`torchrl_r2vpo.objectives.proximal`); without
+    it the loss is :class:`GRPOLLMLoss`. Tokens with ``w > max_behaviour_weight`` get weight 0
+    (``behaviour_weight_mode="mask"``, AReaL's ``behav_imp_weight_cap``: no policy gradient,
+    still counted in the token mean) or their weight is truncated (``"truncate"``). The clip
+    then bounds the step of this update, whatever the age of the data, where :class:`GRPOLLMLoss` on stale data clips ``pi_theta / pi_b`` and
+    gives no gradient for the tokens already outside the band.
+
+    Reference: Fu et al. 2025, "AReaL: A Large-Scale Asynchronous Reinforcement Learning
+    System for Language Reasoning", https://arxiv.org/abs/2505.24298; decoupled PPO:
+    Hilton et al. 2021, https://arxiv.org/abs/2110.00641
+
+    Keyword Args:
+        max_behaviour_weight (float, optional): the bound ``>= 1`` of ``w``; ``None`` for
+            none. Defaults to ``None``.
+        behaviour_weight_mode (str, optional): ``"mask"`` or ``"truncate"``. Defaults to
+            ``"mask"``.
+        **kwargs: every :class:`~torchrl.objectives.llm.GRPOLoss` keyword argument
+            (``clip_epsilon`` defaults to ``0.2``).
+    """
+
+    decoupled = True
+
+    def __init__(self, actor_network=None, *, max_behaviour_weight: float | None = None,
+                 behaviour_weight_mode: str = "mask", **kwargs):
+        check_max_behaviour_weight(max_behaviour_weight, behaviour_weight_mode)
+        super().__init__(actor_network, **kwargs)
+        self.max_behaviour_weight = max_behaviour_weight
+        self.behaviour_weight_mode = behaviour_weight_mode
+
+
+class GRPOTISLLMLoss(DecoupledGRPOLLMLoss):
+    r"""GRPO with truncated importance sampling (TIS): decoupled GRPO whose behaviour weight
+    is truncated at ``c``.
+
+    .. code-block:: text
+
+        loss_t = -min(pi_prox / pi_b, c) * min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)
+        r = pi_theta / pi_prox
+
+    The truncation trades the bias of a bounded weight for the variance of an unbounded
+    one, as verl's and slime's rollout corrections do. ``max_behaviour_weight`` (``c``)
+    defaults to ``2.0``.
+
+    Reference: Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy
+    RL Training", https://fengyao.notion.site/off-policy-rl; Ionides 2008, "Truncated
+    importance sampling".
+    """
+
+    def __init__(self, actor_network=None, *, max_behaviour_weight: float | None = 2.0,
+                 behaviour_weight_mode: str = "truncate", **kwargs):
+        super().__init__(actor_network, max_behaviour_weight=max_behaviour_weight,
+                         behaviour_weight_mode=behaviour_weight_mode, **kwargs)
+
+
+def second_moment_mask(log_ratio: torch.Tensor, mask: torch.Tensor, threshold: float
+                       ) -> torch.Tensor:
+    r"""M2PO's mask: ``mask`` without the fewest tokens of largest ``(log r)^2`` that bring
+    the mean of ``(log r)^2`` over the kept tokens to ``<= threshold``.
+
+    The tokens are sorted by ``m = (log r)^2``, largest first; the ``k`` first are dropped,
+    with ``k`` the smallest count whose remainder has a mean ``<= threshold`` (at least one
+    token is kept).
+
+    Examples:
+        >>> import torch
+        >>> log_ratio = torch.tensor([0.0, 0.1, -0.1, 1.0, 0.0])
+        >>> second_moment_mask(log_ratio, torch.ones(5, dtype=torch.bool), 0.04)
+        tensor([ True,  True,  True, False,  True])
+    """
+    m2 = log_ratio.detach().double().pow(2)[mask]
+    count = m2.numel()
+    if count == 0:
+        return mask
+    sorted_m2, order = m2.sort(descending=True)
+    # the mean of (log r)^2 once the k largest are dropped, for k = 0 .. count - 1
+    remainder_mean = sorted_m2.flip(0).cumsum(0).flip(0) / torch.arange(
+        count, 0, -1, dtype=m2.dtype, device=m2.device)
+    under = (remainder_mean <= threshold).nonzero()
+    dropped = int(under[0]) if under.numel() else count - 1
+    kept = torch.empty_like(mask[mask])
+    kept[order] = torch.arange(count, device=m2.device) >= dropped
+    out = mask.clone()
+    out[mask] = kept
+    return out
+
+
+class M2POLLMLoss(GRPOLLMLoss):
+    r"""M2PO: second-moment trust region by masking, for stale data.
+
+    .. code-block:: text
+
+        M2 = mean over valid tokens of (log r)^2,   r = pi_theta / pi_b
+        drop the tokens of largest (log r)^2 until M2 over the rest is <= tau
+        loss_t = -M_t * r_t * A        (unclipped; token mean over the kept tokens)
+
+    The mask is recomputed at each call from the current ratio (detached); it depends on
+    the current policy, so :meth:`accumulation` refuses it, as it refuses
+    ``kl_mask_threshold``. ``clip_fraction`` reports the share of valid tokens masked.
+
+    Reference: Zheng et al. 2025, "Prosperity before Collapse: How Far Can Off-Policy RL
+    Reach with Stale Data on LLMs?", https://arxiv.org/abs/2510.01161
+
+    Keyword Args:
+        m2_threshold (float, optional): ``tau``. Defaults to ``0.04``, the paper's.
+        **kwargs: every :class:`~torchrl.objectives.llm.GRPOLoss` keyword argument
+            (``clip_epsilon`` is unused).
+    """
+
+    def __init__(self, actor_network=None, *, m2_threshold: float = 0.04, **kwargs):
+        if not m2_threshold > 0:
+            raise ValueError(f"m2_threshold must be > 0, got {m2_threshold}.")
+        super().__init__(actor_network, **kwargs)
+        self.m2_threshold = m2_threshold
+
+    def accumulation(self, *args, **kwargs):
+        raise ValueError("accumulation() is not exact with M2POLLMLoss: its mask depends on "
+                         "the current policy and on the whole batch.")
+
+    def _log_weight(self, tensordict: TensorDictBase, adv_shape: torch.Size):
+        log_weight, dist, kl_approx, mask = super()._log_weight(tensordict, adv_shape)
+        kept = second_moment_mask(log_weight.squeeze(-1) if log_weight.dim() > mask.dim()
+                                  else log_weight, mask, self.m2_threshold)
+        self._masked_share = ((mask & ~kept).sum() / mask.sum().clamp_min(1)).to(log_weight.dtype)
+        log_weight = torch.where(expand_as_right(kept, log_weight), log_weight, 0.0)
+        return log_weight, dist, kl_approx, kept
+
+    def _compute_policy_objective(
+        self, log_weight: torch.Tensor, advantage: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return -log_weight.exp() * advantage, self._masked_share

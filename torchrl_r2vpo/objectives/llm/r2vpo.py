@@ -17,6 +17,7 @@ from torchrl_r2vpo._compat import (
     log_clip_bounds,
 )
 from torchrl_r2vpo.objectives.llm.accumulation import GradientAccumulationMixin
+from torchrl_r2vpo.objectives.proximal import check_max_behaviour_weight, check_ratio_form
 from torchrl_r2vpo.objectives.ratio_variance import (
     at_least_float32,
     LagrangianMixin,
@@ -80,6 +81,26 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
     linearly and reverses past ``r - rbar = A / (2 lambda)``. With
     ``lambda = 0`` the loss is GRPO's unclipped surrogate ``-mean(r A)``.
 
+    **Stale data.** When the input also holds the log-probabilities under the
+    *proximal* policy ``pi_prox``, the policy at the start of the current update
+    (tensor key ``proximal_log_prob``, by default ``("proximal_log_probs", "full")``,
+    computed once per update without gradient), the ratio is decoupled
+    (``ratio="proximal"``, the default; :mod:`torchrl_r2vpo.objectives.proximal`):
+
+    .. code-block:: text
+
+        r = pi_theta / pi_prox,   w = sg(min(pi_prox / pi_b, c))
+        loss = -mean(w r A) + lambda Var(r)
+
+    so the constraint, and the dual variable that reads ``ratio_var``, measure the
+    step of this update (``r == 1``, up to rounding, at its first optimiser step, for fresh and
+    stale tokens alike), while ``w`` corrects for the age of the data. ``Var(r)``
+    is unweighted and pooled over all tokens, whatever their age. Without the key,
+    or with ``pi_prox == pi_b`` (nothing stale), the loss is the one above.
+    ``ratio="behaviour"`` ignores the key: ``r = pi_theta / pi_b``, the papers'
+    literal reading, whose penalty pulls the policy back toward the old policies
+    that sampled stale data.
+
     The loss owns ``lambda`` (the ``lagrange_multiplier`` buffer) and the target
     ``delta`` (``ratio_var_target``), both saved in the ``state_dict``, but never
     updates them: :class:`~torchrl_r2vpo.DualVariableScheduler` does, from the
@@ -116,6 +137,11 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         check_finite (bool, optional): raise on a non-finite ratio or advantage
             at a valid token (one host synchronisation per call; skipped under
             ``torch.compile``). Defaults to ``True``.
+        ratio (str, optional): ``"proximal"`` (decoupled, when the input holds
+            the proximal log-probabilities) or ``"behaviour"``. Defaults to
+            ``"proximal"``.
+        max_behaviour_weight (float, optional): the truncation ``c >= 1`` of the
+            behaviour weight ``w``; ``None`` for none. Defaults to ``2.0``.
         **kwargs: every other :class:`~torchrl.objectives.llm.GRPOLoss` keyword
             argument (``aggregation``, ``masking_strategy``, ``entropy_bonus``,
             ``entropy_coeff``, ``kl_to_ref_coeff``, ``kl_to_inference_coeff``,
@@ -194,8 +220,12 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         variance_center: Literal["mean", "one"] = "mean",
         diagnostic_clip_epsilon: float | tuple[float, float] = 0.2,
         check_finite: bool = True,
+        ratio: Literal["proximal", "behaviour"] = "proximal",
+        max_behaviour_weight: float | None = 2.0,
         **kwargs,
     ):
+        check_ratio_form(ratio)
+        check_max_behaviour_weight(max_behaviour_weight)
         if "clip_epsilon" in kwargs:
             raise TypeError(
                 "R2VPOLLMLoss does not clip the ratio; pass diagnostic_clip_epsilon "
@@ -210,6 +240,8 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         )
         self.variance_center = variance_center
         self.check_finite = check_finite
+        self.decoupled = ratio == "proximal"
+        self.max_behaviour_weight = max_behaviour_weight
 
     @property
     def out_keys(self):
@@ -242,7 +274,7 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
     def forward(self, tensordict: TensorDictBase) -> R2VPOLLMLossOutput:
         if self.tensor_keys.action not in tensordict:
             raise ValueError(f"Action key {self.tensor_keys.action} not in tensordict.")
-        tensordict = self._zero_unused_advantage(tensordict)
+        tensordict = self._zero_unused_advantage(self._decouple(tensordict))
         advantage = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
         if advantage is None:
             raise ValueError(f"Advantage key {self.tensor_keys.advantage} not in tensordict.")

@@ -10,8 +10,11 @@ from torchrl.objectives.llm import GRPOLoss
 from torchrl_r2vpo.objectives.llm.baselines import (
     CISPOLLMLoss,
     DAPOLLMLoss,
+    DecoupledGRPOLLMLoss,
     GPPOLLMLoss,
     GRPOLLMLoss,
+    GRPOTISLLMLoss,
+    M2POLLMLoss,
     SPOLLMLoss,
     TOPRLLMLoss,
 )
@@ -28,6 +31,9 @@ LLM_LOSSES: Mapping[str, type[GRPOLoss]] = types.MappingProxyType(
         "topr": TOPRLLMLoss,
         "spo": SPOLLMLoss,
         "cispo": CISPOLLMLoss,
+        "grpo-decoupled": DecoupledGRPOLLMLoss,
+        "grpo-tis": GRPOTISLLMLoss,
+        "m2po": M2POLLMLoss,
     }
 )
 """The LLM losses by name (read-only)."""
@@ -38,8 +44,9 @@ def make_llm_loss(name: str, actor_network=None, **kwargs) -> GRPOLoss:
 
     Args:
         name (str): one of ``"r2vpo"``, ``"grpo"``, ``"grpo-ch"``, ``"gppo"``,
-            ``"topr"``, ``"spo"``, ``"cispo"`` (case-insensitive; ``_`` works
-            for ``-``).
+            ``"topr"``, ``"spo"``, ``"cispo"``, and for stale data
+            ``"grpo-decoupled"``, ``"grpo-tis"``, ``"m2po"`` (case-insensitive;
+            ``_`` works for ``-``).
         actor_network (LLMWrapperBase, optional): the policy scorer.
         **kwargs: the chosen class's keyword arguments (e.g. ``aggregation``,
             ``masking_strategy``, ``lagrange_multiplier``, ``clip_epsilon``).
@@ -51,7 +58,7 @@ def make_llm_loss(name: str, actor_network=None, **kwargs) -> GRPOLoss:
         >>> make_llm_loss("ppo")
         Traceback (most recent call last):
             ...
-        ValueError: Unknown LLM loss 'ppo'. Valid names: 'r2vpo', 'grpo', 'grpo-ch', 'gppo', 'topr', 'spo', 'cispo'.
+        ValueError: Unknown LLM loss 'ppo'. Valid names: 'r2vpo', 'grpo', ...
     """
     key = str(name).lower().replace("_", "-")
     cls = LLM_LOSSES.get(key)
