@@ -2,6 +2,7 @@
 
     python benchmarks/dmc_compare.py                       # 3 tasks x 2 losses x 3 seeds, 1M frames
     python benchmarks/dmc_compare.py --frames 200000       # a shorter matrix
+    python benchmarks/dmc_compare.py --reuse 0 2           # also R2VPO with --reuse 2
     python benchmarks/dmc_compare.py --sweep --frames 100000 --seeds 0
     python benchmarks/dmc_compare.py --sweep --lambdas 2.5 --targets 0.02   # only these settings
     python benchmarks/dmc_compare.py --throughput          # frames/s vs the raw simulator
@@ -69,11 +70,13 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    reaching = [loss for loss in losses if loss != "ppo"] if "ppo" in losses else []
     lines = [f"Final evaluation return (deterministic policy) at {frames} frames, "
-             "mean ± std over the seeds that reached it.", "",
-             "| task | " + " | ".join(losses) + " | frames R2VPO needs to reach PPO's final "
-             "(means of 3 evaluations) |",
-             "|---|" + "---|" * (len(losses) + 1)]
+             "mean ± std over the seeds that reached it; the frames each needs to reach PPO's "
+             "final return (on the seed-mean curves, trailing means of 3 evaluations).", "",
+             "| task | " + " | ".join(losses) + "".join(f" | {loss}: frames to PPO's final"
+                                                       for loss in reaching) + " |",
+             "|---|" + "---|" * (len(losses) + len(reaching))]
     # one deterministic evaluation (4 episodes) is noisy: also the last 3 evaluations, and
     # the stochastic policy's training return over the last 10% of the frames
     smooth = [f"Smoother measures of the end of training at {frames} frames, mean ± std over "
@@ -121,13 +124,16 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
             cells.append(f"{ys[:, -1].mean():.1f} ± {ys[:, -1].std():.1f} (n={len(curves)})")
             ax.plot(x, ys.mean(0), label=f"{loss} (n={len(curves)})")
             ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.2)
-        reach = "-"
-        if "r2vpo" in mean_curves and "ppo" in mean_curves:
+        reach = []
+        for loss in reaching:
+            if loss not in mean_curves or "ppo" not in mean_curves:
+                reach.append("-")
+                continue
             # on trailing means of 3 evaluations, so that one lucky evaluation does not count
-            x, r2vpo = mean_curves["r2vpo"]
-            needed = first_reach(x, trailing_mean(r2vpo), trailing_mean(mean_curves["ppo"][1])[-1])
-            reach = "not reached" if np.isnan(needed) else f"{needed:.0f} ({needed / frames:.0%})"
-        lines.append(f"| {task} | " + " | ".join(cells) + f" | {reach} |")
+            x, y = mean_curves[loss]
+            needed = first_reach(x, trailing_mean(y), trailing_mean(mean_curves["ppo"][1])[-1])
+            reach.append("not reached" if np.isnan(needed) else f"{needed:.0f} ({needed / frames:.0%})")
+        lines.append(f"| {task} | " + " | ".join(cells + reach) + " |")
         smooth.append(f"| {task} | " + " | ".join(smooth_cells) + " |")
         steps.append(f"| {task} | " + " | ".join(step_cells) + " |")
         ax.set(title=task, xlabel="frames", ylabel="eval return")
@@ -401,6 +407,8 @@ def main() -> None:
         epilog="Other arguments go to every run of examples/dmc_walker.py (see its --help).")
     parser.add_argument("--tasks", nargs="+", default=TASKS)
     parser.add_argument("--losses", nargs="+", default=["r2vpo", "ppo"], choices=["r2vpo", "ppo"])
+    parser.add_argument("--reuse", nargs="+", type=int, default=[0], metavar="K",
+                        help="R2VPO also with --reuse K (K > 0: the column r2vpo-reuseK)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--frames", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dmc-1m")
@@ -441,13 +449,16 @@ def main() -> None:
         swept = sorted(d.name for d in (args.out / "sweep").glob("*") if d.is_dir())
         sections += [summarize_sweep(args.out, t, args.frames) for t in swept]  # all in sweep.md
     else:
+        # a column per loss, and per reuse K > 0 for R2VPO
+        columns = {(f"{loss}-reuse{k}" if k else loss): ["--loss", loss, "--reuse", str(k)]
+                   for loss in args.losses for k in (args.reuse if loss == "r2vpo" else [0])}
         for seed in args.seeds:  # seed-major: a partial matrix is balanced across tasks
             for task in args.tasks:
-                for loss in args.losses:
+                for column, flags in columns.items():
                     if not args.report_only:
-                        run(args.out / task / loss / f"seed{seed}", args.frames,
-                            ["--env", task, "--loss", loss, "--seed", str(seed), *extra])
-        sections.append(summarize(args.out, args.tasks, args.losses, args.frames))
+                        run(args.out / task / column / f"seed{seed}", args.frames,
+                            ["--env", task, *flags, "--seed", str(seed), *extra])
+        sections.append(summarize(args.out, args.tasks, list(columns), args.frames))
     report = "\n\n".join(sections)
     name = ("starts" if args.starts else "workers" if args.workers
             else "throughput" if args.throughput else "sweep" if args.sweep else "summary")

@@ -48,6 +48,7 @@ METHODS = {
 }
 # the stale-data study: reuse K (each batch trained on K + 1 times) and lag k (each batch
 # sampled by the policy of k updates ago, as an asynchronous pipeline would)
+UNWEIGHTED = ["--no-weighted-variance"]
 STALE_METHODS = {
     "grpo": ["--loss", "grpo", "--reuse", "0"],
     "r2vpo-onpolicy": ["--loss", "r2vpo", "--reuse", "0"],
@@ -55,14 +56,21 @@ STALE_METHODS = {
        for name in ("r2vpo", "grpo-decoupled") for k in (1, 2, 4)},
     "m2po-reuse2": ["--loss", "m2po", "--reuse", "2"],
     "grpo-reuse2": ["--loss", "grpo", "--reuse", "2"],  # the clip on pi_theta / pi_behaviour
-    # R2VPO's choices, each against r2vpo-reuse2: the literal ratio, the dual after every
-    # minibatch, no truncation of the behaviour weight, a fixed lambda; and the penalty
-    # centred on 1 instead of the batch mean, at reuse 1 and 2
+    # R2VPO's choices, each against r2vpo-reuse2: the literal ratio, the penalty unweighted
+    # (Var(r) over tokens, each counted once) at reuse 1, 2, 4 and lag 2, 8; and, unweighted,
+    # the dual after every minibatch, no truncation of the behaviour weight, a fixed lambda,
+    # and the penalty centred on 1 instead of the batch mean at reuse 1 and 2
     "r2vpo-behaviour-reuse2": ["--loss", "r2vpo", "--reuse", "2", "--ratio", "behaviour"],
-    "r2vpo-reuse2-dual-minibatch": ["--loss", "r2vpo", "--reuse", "2", "--dual-every", "minibatch"],
-    "r2vpo-reuse2-untruncated": ["--loss", "r2vpo", "--reuse", "2", "--max-behaviour-weight", "0"],
-    "r2vpo-reuse2-fixed1": ["--loss", "r2vpo", "--reuse", "2", "--dual", "fixed"],
-    **{f"r2vpo-reuse{k}-center1": ["--loss", "r2vpo", "--reuse", str(k), "--variance-center", "one"]
+    **{f"r2vpo-reuse{k}-unweighted": ["--loss", "r2vpo", "--reuse", str(k), *UNWEIGHTED]
+       for k in (1, 2, 4)},
+    **{f"r2vpo-lag{k}-unweighted": ["--loss", "r2vpo", "--reuse", "0", "--lag", str(k), *UNWEIGHTED]
+       for k in (2, 8)},
+    **{f"r2vpo-reuse2-{name}": ["--loss", "r2vpo", "--reuse", "2", *flags, *UNWEIGHTED]
+       for name, flags in (("dual-minibatch", ["--dual-every", "minibatch"]),
+                           ("untruncated", ["--max-behaviour-weight", "0"]),
+                           ("fixed1", ["--dual", "fixed"]))},
+    **{f"r2vpo-reuse{k}-center1": ["--loss", "r2vpo", "--reuse", str(k), "--variance-center", "one",
+                                   *UNWEIGHTED]
        for k in (1, 2)},
     **{f"{name}-lag{k}": ["--loss", name, "--reuse", "0", "--lag", str(k)]
        for name in ("r2vpo", "grpo-decoupled", "m2po") for k in (2, 8)},
@@ -73,9 +81,13 @@ STALE_ROWS = {
                 *(f"{name}-reuse{k}" for name in ("r2vpo", "grpo-decoupled") for k in (1, 2, 4))],
     "policy lag k": ["grpo", "r2vpo-onpolicy", *(f"{name}-lag{k}" for name in
                                                  ("r2vpo", "grpo-decoupled", "m2po") for k in (2, 8))],
-    "R2VPO's choices": ["r2vpo-reuse2", "r2vpo-behaviour-reuse2", "r2vpo-reuse2-dual-minibatch",
-                        "r2vpo-reuse2-untruncated", "r2vpo-reuse2-fixed1", "r2vpo-reuse2-center1",
-                        "r2vpo-reuse1", "r2vpo-reuse1-center1"],
+    "R2VPO's penalty weighted (default) or not": [
+        *(f"r2vpo-{stale}{kind}" for stale in ("reuse1", "reuse2", "reuse4", "lag2", "lag8")
+          for kind in ("", "-unweighted"))],
+    "R2VPO's other choices (unweighted)": [
+        "r2vpo-reuse2-unweighted", "r2vpo-behaviour-reuse2", "r2vpo-reuse2-dual-minibatch",
+        "r2vpo-reuse2-untruncated", "r2vpo-reuse2-fixed1", "r2vpo-reuse2-center1",
+        "r2vpo-reuse1-unweighted", "r2vpo-reuse1-center1"],
 }
 STUDIES = {"losses": (METHODS, "llm-losses", None),
            "stale": (STALE_METHODS, "llm-stale-data", STALE_ROWS)}

@@ -58,6 +58,33 @@ def test_report_from_partial_results(tmp_path):
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_report_gives_each_r2vpo_column_its_frames_to_ppos_final(tmp_path, monkeypatch):
+    dmc = load("dmc_compare")
+    write_curve(tmp_path / "walker-walk" / "r2vpo" / "seed0", [10, 20, 30])
+    write_curve(tmp_path / "walker-walk" / "r2vpo-reuse2" / "seed0", [40, 80, 100])
+    write_curve(tmp_path / "walker-walk" / "ppo" / "seed0", [10, 30, 60])
+    report = dmc.summarize(tmp_path, ["walker-walk"], ["r2vpo", "r2vpo-reuse2", "ppo"], 3000)
+    header, row = [line for line in report.splitlines() if line.startswith("| ")][:2]
+    assert header.endswith("| r2vpo: frames to PPO's final | r2vpo-reuse2: frames to PPO's final |")
+    # ppo's trailing final (10 + 30 + 60) / 3 = 33.3: never reached by r2vpo (20 at most),
+    # reached by the reuse column's first evaluation (40)
+    assert row.endswith("| not reached | 1000 (33%) |")
+    # the driver runs R2VPO once per --reuse K, PPO once, each with its own flags
+    calls = []
+    monkeypatch.setattr(dmc, "run", lambda run_dir, frames, args: calls.append(
+        (run_dir.relative_to(tmp_path).as_posix(), args)))
+    monkeypatch.setattr(sys, "argv", ["dmc_compare.py", "--tasks", "walker-walk", "--seeds", "0",
+                                      "--reuse", "0", "2", "--out", str(tmp_path)])
+    dmc.main()
+    assert calls == [
+        ("walker-walk/r2vpo/seed0", ["--env", "walker-walk", "--loss", "r2vpo", "--reuse", "0",
+                                     "--seed", "0"]),
+        ("walker-walk/r2vpo-reuse2/seed0", ["--env", "walker-walk", "--loss", "r2vpo", "--reuse",
+                                            "2", "--seed", "0"]),
+        ("walker-walk/ppo/seed0", ["--env", "walker-walk", "--loss", "ppo", "--reuse", "0",
+                                   "--seed", "0"])]
+
+
 def test_final_starts_report_reads_each_runs_returns(tmp_path):
     dmc = load("dmc_compare")
 

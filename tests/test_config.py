@@ -20,7 +20,7 @@ CONTROL_DEFAULTS = dict(
     epochs=10, lr=3e-4, gamma=0.99, gae_lambda=0.95, reward_scale=1.0, entropy_coeff=0.0,
     critic_coeff=0.5, max_grad_norm=0.5, clip_epsilon=0.2, lagrange_multiplier=0.5,
     ratio_var_target=0.02, dual="fixed", dual_lr=1.0, reuse=0, ratio="proximal",
-    max_behaviour_weight=2.0, eval_every=50_000,
+    max_behaviour_weight=2.0, weighted_variance=True, eval_every=50_000,
     eval_episodes=4, checkpoint_every=50_000, time_limit=0.0, logger="csv",
     out="runs/dmc_walker", resume=False, overwrite=False, video=True)
 LLM_DEFAULTS = dict(
@@ -30,7 +30,7 @@ LLM_DEFAULTS = dict(
     group_size=8, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, reuse=2, lag=0, epochs=1,
     minibatch_size=32, lr=1e-4, max_grad_norm=1.0, lagrange_multiplier=1.0, ratio_var_target=0.01,
     dual="adaptive", dual_lr=10.0, dual_every="iteration", lambda_max=2.5, ratio="proximal",
-    variance_center="mean", max_behaviour_weight=2.0, kl_to_ref=0.0, entropy_coeff=0.01,
+    variance_center="mean", weighted_variance=True, max_behaviour_weight=2.0, kl_to_ref=0.0, entropy_coeff=0.01,
     eval_every=4096, checkpoint_every=4096, logger="csv", out="runs/llm_math", resume=False,
     overwrite=False)
 

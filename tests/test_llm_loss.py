@@ -785,19 +785,24 @@ def token_mean(value, mask):
 class TestStaleData:
     """The decoupled ratio (objectives.proximal) and the stale-data baselines."""
 
-    @pytest.mark.parametrize("name", ["r2vpo", "grpo-decoupled", "grpo-tis"])
-    def test_fresh_data_is_todays_loss(self, actor, name):
+    @pytest.mark.parametrize("name, kwargs", [
+        ("r2vpo", {}), ("r2vpo", {"weighted_variance": False}), ("grpo-decoupled", {}),
+        ("grpo-tis", {})])
+    def test_fresh_data_is_todays_loss(self, actor, name, kwargs):
         # pi_prox == pi_behaviour: values and gradients as without the proximal key, bit for bit
         data = make_batch(actor, staleness=0.3)
         fresh = with_proximal(data, data["log_probs", "full"])
-        loss = make_llm_loss(name, actor, masking_strategy="rlhf", entropy_bonus=False)
+        loss = make_llm_loss(name, actor, masking_strategy="rlhf", entropy_bonus=False, **kwargs)
         reference = make_llm_loss("r2vpo" if name == "r2vpo" else "grpo", actor,
                                   masking_strategy="rlhf", entropy_bonus=False)
         outs, gradients = [], []
         for module, batch in ((reference, data), (loss, fresh)):
             gradients.append(backward_grads(
                 actor, lambda: outs.append(module(batch)) or total(outs[-1]).backward()))
-        for key in ("loss_objective", "clip_fraction", "ESS"):
+        keys = ["loss_objective", "clip_fraction", "ESS"]
+        if name == "r2vpo":
+            keys += ["loss_ratio_var", "ratio_var", "mean_ratio"]
+        for key in keys:
             assert torch.equal(outs[0].get(key), outs[1].get(key)), key
         assert all(torch.equal(a, b) for a, b in zip(*gradients))
 
@@ -836,6 +841,59 @@ class TestStaleData:
         # r == 1 at the first step: the objective is -mean(min(w, c) A)
         expected = token_mean(-w * data["advantage"].view(-1, 1), mask)
         torch.testing.assert_close(out.loss_objective, expected)
+
+    def test_weighted_variance_is_the_self_normalised_one_and_its_gradient(self, actor):
+        data = make_batch(actor, staleness=0.8)
+        mask = data["masks", "all_assistant_mask"]
+        current = current_log_probs(actor, data)
+        proximal = (current + data["log_probs", "full"]) / 2  # r != 1 and w != 1
+        lam = 2.0
+        loss = LeafR2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False,
+                                lagrange_multiplier=lam, weighted_variance=True)
+        out = loss(with_proximal(data, proximal))
+        r = (current - proximal).exp()
+        w = (proximal - data["log_probs", "full"]).exp().clamp_max(2.0)
+        assert (w[mask] < 0.5).any() and (w[mask] == 2.0).any()  # the weights matter
+        w_sum = w[mask].sum()
+        mean = (w * r)[mask].sum() / w_sum
+        var = (w * (r - mean) ** 2)[mask].sum() / w_sum
+        torch.testing.assert_close(out.ratio_var, var)
+        torch.testing.assert_close(out.loss_ratio_var, lam * var)
+        torch.testing.assert_close(out.ratio_weight_sum.float(), w_sum)
+        assert out.num_tokens == mask.sum()
+        # d penalty / d log pi_t = 2 lambda w_t (r_t - rbar_w) r_t / sum w (the centre detached)
+        (grad,) = torch.autograd.grad(out.loss_ratio_var, loss.leaf)
+        expected = torch.where(mask, 2 * lam * w * (r - mean) * r / w_sum, 0.0)
+        torch.testing.assert_close(grad, expected)
+        unweighted = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False,
+                                  lagrange_multiplier=lam, weighted_variance=False)(
+            with_proximal(data, proximal))
+        torch.testing.assert_close(unweighted.loss_objective, out.loss_objective)
+        assert not torch.isclose(unweighted.ratio_var, out.ratio_var)
+
+    def test_weighted_variance_accumulates_exactly(self, actor):
+        data = make_batch(actor, staleness=0.8)
+        proximal = (current_log_probs(actor, data) + data["log_probs", "full"]) / 2
+        data = with_proximal(data, proximal)
+        loss = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False,
+                            lagrange_multiplier=2.0, weighted_variance=True)
+        full_out = loss(data)
+        g_full = backward_grads(actor, lambda: total(full_out).backward())
+        with torch.no_grad():
+            merged = merge_ratio_stats([loss(data[part]) for part in SPLITS])
+        torch.testing.assert_close(merged["ratio_var"].float(), full_out.ratio_var)
+        assert merged["num_tokens"] == full_out.num_tokens
+        weight_sum = loss.count_weight(data)
+        torch.testing.assert_close(weight_sum, full_out.ratio_weight_sum.float())
+        actor.zero_grad()
+        outs = accumulate(loss, data, num_tokens=loss.count_tokens(data),
+                          ratio_mean=merged["ratio_mean"], ratio_weight_sum=weight_sum)
+        torch.testing.assert_close(sum(o.loss_ratio_var for o in outs), full_out.loss_ratio_var)
+        for a, b in zip(grads(actor), g_full):
+            torch.testing.assert_close(a, b)
+        with pytest.raises(ValueError, match="needs ratio_weight_sum"):
+            with loss.accumulation(num_tokens=loss.count_tokens(data)):
+                loss(data)
 
     def test_decoupled_grpo_masks_heavy_weights_and_clips_the_step(self, actor):
         data = make_batch(actor, staleness=0.8)

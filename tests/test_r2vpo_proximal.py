@@ -21,7 +21,7 @@ from torchrl_r2vpo.recipes.config import ControlConfig
 
 from test_r2vpo import make_actor, make_critic, perturb_
 
-N_OBS, N_ACT, BATCH = 4, 2, 64
+N_OBS, BATCH = 4, 64
 PROX = "proximal_log_prob"  # the loss's default key
 LOSS_KEYS = ["loss_objective", "loss_ratio_var", "loss_critic"]
 
@@ -88,6 +88,7 @@ class TestFreshDataIsTodaysLoss:
     @pytest.mark.parametrize("kwargs", [
         {}, {"variance_center": "one", "lagrange_multiplier": 2.0},
         {"max_behaviour_weight": None}, {"max_importance_ratio": 1.1},
+        {"weighted_variance": False},
     ])
     def test_proximal_equal_to_behaviour_is_bit_identical(self, kwargs):
         actor = make_actor()
@@ -147,7 +148,7 @@ class TestDecoupledRatio:
     def test_the_objective_is_the_truncated_weight_times_the_proximal_ratio(self, c):
         actor, data = stale_setup()
         loss = R2VPOLoss(actor, entropy_bonus=False, lagrange_multiplier=1.0,
-                         max_behaviour_weight=c)
+                         max_behaviour_weight=c, weighted_variance=False)
         out = loss(data)
         r = (current_log_prob(loss, data) - data[PROX]).exp()
         w = (data[PROX] - data["action_log_prob"]).exp()
@@ -155,7 +156,7 @@ class TestDecoupledRatio:
         w_c = w if c is None else w.clamp_max(c)
         adv = data["advantage"].squeeze(-1)
         torch.testing.assert_close(out["loss_objective"], -(w_c * r * adv).mean())
-        # the constraint and every ratio diagnostic measure r, not w * r
+        # the constraint (unweighted here) and every ratio diagnostic measure r, not w * r
         torch.testing.assert_close(out["ratio_var"], ((r - r.mean()) ** 2).mean())
         torch.testing.assert_close(out["loss_ratio_var"], ((r - r.mean()) ** 2).mean())
         torch.testing.assert_close(out["mean_ratio"], r.mean())
@@ -163,6 +164,25 @@ class TestDecoupledRatio:
         torch.testing.assert_close(out["ESS"], r.mean() ** 2 / (r ** 2).mean())
         torch.testing.assert_close(out["kl_approx"], -r.log().mean())
         assert out["ratio_var"] < ((w * r - (w * r).mean()) ** 2).mean() / 10
+
+    @pytest.mark.parametrize("center", ["mean", "one"])
+    def test_weighted_variance_is_the_self_normalised_one(self, center):
+        actor, data = stale_setup()
+        lam = 2.0
+        loss = R2VPOLoss(actor, entropy_bonus=False, lagrange_multiplier=lam,
+                         variance_center=center, weighted_variance=True)
+        out = loss(data)
+        r = (current_log_prob(loss, data) - data[PROX]).exp()
+        w = (data[PROX] - data["action_log_prob"]).exp().clamp_max(2.0)
+        c = (w * r).sum() / w.sum() if center == "mean" else 1.0
+        var = (w * (r - c) ** 2).sum() / w.sum()
+        torch.testing.assert_close(out["ratio_var"], var)
+        torch.testing.assert_close(out["loss_ratio_var"], lam * var)
+        torch.testing.assert_close(loss.last_ratio_stats.variance(center).float(), var)
+        unweighted = R2VPOLoss(actor, entropy_bonus=False, lagrange_multiplier=lam,
+                               variance_center=center, weighted_variance=False)(data)
+        torch.testing.assert_close(unweighted["loss_objective"], out["loss_objective"])
+        assert not torch.isclose(unweighted["ratio_var"], out["ratio_var"])
 
     def test_max_importance_ratio_caps_the_weighted_ratio(self):
         actor, data = stale_setup()

@@ -129,6 +129,11 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             ``"proximal"``.
         max_behaviour_weight (float, optional): the truncation ``c >= 1`` of the
             behaviour weight ``w``; ``None`` for none. Defaults to ``2.0``.
+        weighted_variance (bool, optional): with the proximal key, weigh each
+            sample's term of the variance by its behaviour weight ``w`` (the
+            self-normalised ``sum w (r - rbar_w)^2 / sum w``, ``rbar_w`` the
+            weighted mean), as :class:`~torchrl_r2vpo.R2VPOLLMLoss` does.
+            Defaults to ``False``.
         **kwargs: every other :class:`~torchrl.objectives.PPOLoss` keyword
             argument (``entropy_coeff``, ``critic_coeff``, ``loss_critic_type``,
             ``normalize_advantage``, ``reduction``, ``functional``,
@@ -227,6 +232,7 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         check_finite: bool = True,
         ratio: Literal["proximal", "behaviour"] = "proximal",
         max_behaviour_weight: float | None = 2.0,
+        weighted_variance: bool = True,
         device: torch.device | None = None,
         **kwargs,
     ):
@@ -254,6 +260,7 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         self.check_finite = check_finite
         self.ratio = ratio
         self.max_behaviour_weight = max_behaviour_weight
+        self.weighted_variance = bool(weighted_variance)
 
     @property
     def out_keys(self):
@@ -481,11 +488,21 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             self._check_finite(tensordict, log_weight, torch.stack([ratio, behaviour_ratio]),
                                advantage, mask, proximal)
 
+        # the variance's weights (1, or w / mean(w) over the valid positions)
+        weight = var_weight = None
+        if self.weighted_variance and proximal is not None:
+            var_weight = log_is_weight.detach().exp()
+            if mask is not None:
+                var_weight = torch.where(mask, var_weight, 0)
+            weight = var_weight / masked_mean(var_weight, mask).clamp_min(
+                torch.finfo(var_weight.dtype).tiny)
         if self.variance_center == "mean":
-            center = masked_mean(ratio.detach(), mask)
+            center = masked_mean(ratio.detach() if weight is None else weight * ratio.detach(), mask)
         else:
             center = torch.ones((), dtype=ratio.dtype, device=ratio.device)
         sq_dev = (ratio - center).pow(2)
+        if weight is not None:
+            sq_dev = weight * sq_dev
         td_out = TensorDict(
             {
                 "loss_objective": -behaviour_ratio * advantage,
@@ -496,7 +513,7 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             ratio_var = masked_mean(sq_dev.detach(), mask)
             if mask is not None:  # no valid position: no statistic
                 ratio_var = torch.where(mask.any(), ratio_var, float("nan"))
-            self._record_ratio_stats(ratio_var, RatioStats.of(ratio, mask))
+            self._record_ratio_stats(ratio_var, RatioStats.of(ratio, mask, var_weight))
             td_out.set("ratio_var", ratio_var)
             td_out.set("lagrange_multiplier", self.lagrange_multiplier.detach().clone())
             td_out.set("kl_approx", masked_mean(kl_approx.detach(), mask))

@@ -52,11 +52,14 @@ class RatioStats(NamedTuple):
 
     .. code-block:: text
 
-        count        = n      = number of valid positions
-        ratio_sum    = S1     = sum r
-        ratio_sq_sum = S2     = sum r^2
+        count        = n      = number of valid positions (their total weight, weighted)
+        ratio_sum    = S1     = sum r                     (sum w r)
+        ratio_sq_sum = S2     = sum r^2                   (sum w r^2)
         mean         = S1 / n
-        variance(c)  = S2 / n - 2 c S1 / n + c^2      (the mean of (r - c)^2)
+        variance(c)  = S2 / n - 2 c S1 / n + c^2      (the (weighted) mean of (r - c)^2)
+
+    With weights ``w`` (:meth:`of`'s ``weight``) the statistics are the self-normalised
+    weighted ones: ``mean = sum w r / sum w``.
 
     The fields add up across micro-batches, so the statistics of a whole batch are exact
     (not a mean of micro-batch means) whatever the split. The sums are float64; the
@@ -82,23 +85,33 @@ class RatioStats(NamedTuple):
     ratio_sq_sum: torch.Tensor
 
     @classmethod
-    def of(cls, ratio: torch.Tensor, mask: torch.Tensor | None = None) -> RatioStats:
+    def of(cls, ratio: torch.Tensor, mask: torch.Tensor | None = None,
+           weight: torch.Tensor | None = None) -> RatioStats:
         """The detached statistics of ``ratio`` over the positions where ``mask`` is
-        ``True`` (all if ``None``); masked-out values are selected away."""
+        ``True`` (all if ``None``); masked-out values are selected away. ``weight``
+        (shaped as ``ratio``, ``>= 0``) weighs each position: ``count`` is then the
+        weights' sum (float64)."""
         valid = ratio.detach().to(torch.float64)
         if mask is None:
             count = valid.new_tensor(valid.numel())
         else:
             valid, count = torch.where(expand_as_right(mask, valid), valid, 0), mask.sum()
-        return cls(count, valid.sum(), valid.pow(2).sum())
+        if weight is None:
+            return cls(count, valid.sum(), valid.pow(2).sum())
+        weight = weight.detach().to(torch.float64).expand_as(valid)
+        if mask is not None:
+            weight = torch.where(expand_as_right(mask, weight), weight, 0)
+        return cls(weight.sum(), (weight * valid).sum(), (weight * valid.pow(2)).sum())
 
     @classmethod
     def from_output(cls, output: Any) -> RatioStats:
-        """Reads ``num_tokens``, ``ratio_sum`` and ``ratio_sq_sum`` (detached) from a loss
-        output: a TensorClass, a TensorDict or a mapping."""
+        """Reads ``num_tokens`` (or ``ratio_weight_sum``, the count of weighted
+        statistics, when the output has it), ``ratio_sum`` and ``ratio_sq_sum`` (detached)
+        from a loss output: a TensorClass, a TensorDict or a mapping."""
         values = []
+        weight_sum = output.get("ratio_weight_sum", None)
         for key in ("num_tokens", "ratio_sum", "ratio_sq_sum"):
-            value = output.get(key, None)
+            value = output.get(key, None) if key != "num_tokens" or weight_sum is None else weight_sum
             if value is None:
                 raise KeyError(
                     f"merge_ratio_stats needs {key!r} in each output; R2VPOLLMLoss "
@@ -135,7 +148,8 @@ class RatioStats(NamedTuple):
     @property
     def mean(self) -> torch.Tensor:
         """``S1 / n`` (float64); 0 without valid positions."""
-        return self.ratio_sum / self.count.clamp_min(1)
+        count = self.count.to(torch.float64)
+        return torch.where(count > 0, self.ratio_sum / count.clamp_min(1e-300), 0.0)
 
     def variance(self, center: Literal["mean", "one"] | torch.Tensor | float) -> torch.Tensor:
         """The mean of ``(r - c)^2`` over the valid positions (float64; NaN without any).
@@ -144,7 +158,7 @@ class RatioStats(NamedTuple):
             center: ``"mean"`` (``c`` is the mean ratio: the central second moment),
                 ``"one"`` (``c = 1``) or a value of ``c``.
         """
-        n = self.count.to(torch.float64).clamp_min(1)
+        n = self.count.to(torch.float64).clamp_min(1e-300)
         mean, second = self.ratio_sum / n, self.ratio_sq_sum / n
         if isinstance(center, str):
             check_variance_center(center)
@@ -171,7 +185,9 @@ def merge_ratio_stats(
         ratio_var  = sum_k ratio_sq_sum_k / N - ratio_mean^2          ("mean")
                    = sum_k ratio_sq_sum_k / N - 2 ratio_mean + 1      ("one")
 
-    The result does not depend on the centre each micro-batch used.
+    The result does not depend on the centre each micro-batch used. Outputs of a loss
+    with ``weighted_variance=True`` carry weighted sums and their total weight
+    ``ratio_weight_sum``, which then takes ``num_tokens``' place as ``N``.
 
     Args:
         outputs (iterable): loss outputs (TensorClass, TensorDict or mapping)
@@ -183,7 +199,8 @@ def merge_ratio_stats(
 
     Returns:
         A TensorDict with ``ratio_mean``, ``ratio_var`` (float64; NaN without
-        valid tokens), ``ratio_sum``, ``ratio_sq_sum`` and ``num_tokens``; step a
+        valid tokens), ``ratio_sum``, ``ratio_sq_sum``, ``num_tokens`` and
+        ``ratio_weight_sum`` (``N``: ``num_tokens`` unless weighted); step a
         :class:`~torchrl_r2vpo.DualVariableScheduler` on it directly, or pass
         ``ratio_mean`` to :meth:`~torchrl_r2vpo.R2VPOLLMLoss.accumulation`.
 
@@ -198,17 +215,22 @@ def merge_ratio_stats(
         (1.1, 0.05)
     """
     check_variance_center(variance_center)
+    outputs = list(outputs)
     parts = [RatioStats.from_output(out) for out in outputs]
     if not parts:
         raise ValueError("merge_ratio_stats needs at least one output.")
     stats = RatioStats.total(parts)
+    counts = [out.get("num_tokens", None) for out in outputs]
+    num_tokens = (sum(count.detach() for count in counts)
+                  if all(count is not None for count in counts) else stats.count)
     return TensorDict(
         {
             "ratio_mean": torch.where(stats.count > 0, stats.mean, float("nan")),
             "ratio_var": stats.variance(variance_center),
             "ratio_sum": stats.ratio_sum,
             "ratio_sq_sum": stats.ratio_sq_sum,
-            "num_tokens": stats.count,
+            "num_tokens": num_tokens,
+            "ratio_weight_sum": stats.count,
         }
     )
 

@@ -161,6 +161,8 @@ class ControlConfig:
     max_behaviour_weight: Coefficient = 2.0
     """r2vpo, --ratio proximal: truncation of the stale-data weight pi_prox / pi_behaviour
     (0: none, else >= 1)"""
+    weighted_variance: bool = True
+    """r2vpo --ratio proximal: weigh each sample's term of Var(r) by its stale-data weight"""
     eval_every: Count = 50_000
     """frames between deterministic evaluations"""
     eval_episodes: Count = 4
@@ -286,6 +288,8 @@ class LLMConfig:
     pi_theta / pi_behaviour (the papers' literal reading)"""
     variance_center: Literal["mean", "one"] = "mean"
     """r2vpo: the penalty is lambda (r - c)^2 with c the batch's mean ratio, or 1"""
+    weighted_variance: bool = True
+    """r2vpo --ratio proximal: weigh each token's term of Var(r) by its stale-data weight"""
     max_behaviour_weight: Coefficient = 2.0
     """the truncation of the stale-data weight pi_prox / pi_behaviour of r2vpo (--ratio
     proximal) and grpo-tis, the mask bound of grpo-decoupled (0: none, else >= 1)"""

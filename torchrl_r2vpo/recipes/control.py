@@ -40,6 +40,7 @@ from torchrl_r2vpo.envs import make_env
 from torchrl_r2vpo.modules import RunningObservationNorm
 from torchrl_r2vpo.objectives import DualVariableScheduler, R2VPOLoss
 from torchrl_r2vpo.recipes.config import ControlConfig
+from torchrl_r2vpo.recipes.run_state import read_checkpoint
 from torchrl_r2vpo.record import record_rollout_gif
 
 __all__ = ["CURVE_FIELDS", "EVAL_SEED", "RAY_WORKER", "action_log_probs", "episode_returns",
@@ -91,9 +92,9 @@ def make_loss(cfg: ControlConfig, actor: ProbabilisticActor, critic: ValueOperat
     """``cfg.loss``: :class:`~torchrl_r2vpo.R2VPOLoss` with its
     :class:`~torchrl_r2vpo.DualVariableScheduler` (step size 0 when ``cfg.dual`` is fixed), or
     TorchRL's ``ClipPPOLoss`` and ``None``; both with an L2 critic loss and normalised
-    advantages. R2VPO takes ``cfg.ratio`` and ``cfg.max_behaviour_weight`` (0: no bound); its
-    ratio is decoupled where the data carry the proximal log-probabilities
-    (:func:`action_log_probs` before the update)."""
+    advantages. R2VPO takes ``cfg.ratio``, ``cfg.max_behaviour_weight`` (0: no bound) and
+    ``cfg.weighted_variance``; its ratio is decoupled where the data carry the proximal
+    log-probabilities (:func:`action_log_probs` before the update)."""
     common = dict(entropy_coeff=cfg.entropy_coeff, critic_coeff=cfg.critic_coeff,
                   loss_critic_type="l2", normalize_advantage=True)
     if cfg.loss == "ppo":
@@ -101,7 +102,8 @@ def make_loss(cfg: ControlConfig, actor: ProbabilisticActor, critic: ValueOperat
     loss = R2VPOLoss(actor, critic, lagrange_multiplier=cfg.lagrange_multiplier,
                      ratio_var_target=cfg.ratio_var_target,
                      diagnostic_clip_epsilon=cfg.clip_epsilon, ratio=cfg.ratio,
-                     max_behaviour_weight=cfg.max_behaviour_weight or None, **common)
+                     max_behaviour_weight=cfg.max_behaviour_weight or None,
+                     weighted_variance=cfg.weighted_variance, **common)
     scheduler = DualVariableScheduler(loss, lr=cfg.dual_lr if cfg.dual == "adaptive" else 0.0)
     return loss, scheduler
 
@@ -217,7 +219,7 @@ def load_actor(path: Path, env: EnvBase) -> tuple[ControlConfig, ProbabilisticAc
         >>> cfg, actor = load_actor(Path("runs/walker/checkpoint.pt"), env)  # doctest: +SKIP
         >>> evaluate(env, actor)  # mean return from 16 starts  # doctest: +SKIP
     """
-    ckpt = torch.load(path, weights_only=False, map_location="cpu")
+    ckpt = read_checkpoint(path, map_location="cpu")
     names = {field.name for field in dataclasses.fields(ControlConfig)}
     cfg = ControlConfig(**{**{k: v for k, v in ckpt["config"].items() if k in names},
                            "device": "cpu"})

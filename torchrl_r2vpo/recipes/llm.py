@@ -112,14 +112,16 @@ def make_loss(cfg: LLMConfig, scorer) -> tuple[nn.Module, DualVariableScheduler 
 
     Every loss gets the k3 KL to the reference model with coefficient ``cfg.kl_to_ref``
     (none if 0) and the entropy bonus ``cfg.entropy_coeff`` (none if 0). R2VPO takes
-    ``cfg.ratio`` and, with the stale-data baselines ``grpo-decoupled`` and ``grpo-tis``,
+    ``cfg.ratio``, ``cfg.variance_center`` and ``cfg.weighted_variance`` and, with the
+    stale-data baselines ``grpo-decoupled`` and ``grpo-tis``,
     ``cfg.max_behaviour_weight`` (0: none).
     """
     kwargs = dict(kl_to_ref_coeff=cfg.kl_to_ref or None, entropy_bonus=cfg.entropy_coeff > 0,
                   entropy_coeff=cfg.entropy_coeff)
     if cfg.loss == "r2vpo":
         kwargs.update(lagrange_multiplier=cfg.lagrange_multiplier, ratio_var_target=cfg.ratio_var_target,
-                      ratio=cfg.ratio, variance_center=cfg.variance_center)
+                      ratio=cfg.ratio, variance_center=cfg.variance_center,
+                      weighted_variance=cfg.weighted_variance)
     if cfg.loss in ("r2vpo", "grpo-decoupled", "grpo-tis"):
         kwargs.update(max_behaviour_weight=cfg.max_behaviour_weight or None)
     loss = make_llm_loss(cfg.loss, scorer, **kwargs)

@@ -47,6 +47,7 @@ class _FullBatchNormalizers:
     num_tokens: torch.Tensor | int | None
     num_sequences: torch.Tensor | int | None
     ratio_mean: torch.Tensor | float | None
+    ratio_weight_sum: torch.Tensor | float | None = None
 
 
 class GradientAccumulationMixin:
@@ -122,6 +123,7 @@ class GradientAccumulationMixin:
         *,
         num_sequences: int | torch.Tensor | None = None,
         ratio_mean: float | torch.Tensor | None = None,
+        ratio_weight_sum: float | torch.Tensor | None = None,
     ) -> Iterator[GradientAccumulationMixin]:
         """Normalises every call inside the block by full-batch quantities.
 
@@ -161,6 +163,10 @@ class GradientAccumulationMixin:
           gradient differs from the full-batch one by ``2 lambda (m_k - m) / N``
           per token of micro-batch ``k``. ``variance_center="one"`` needs no
           centre and is exact.
+        * ``ratio_weight_sum`` (:class:`~torchrl_r2vpo.R2VPOLLMLoss` with
+          ``weighted_variance=True`` on stale data) is the full batch's sum of the
+          behaviour weights over its valid tokens, the variance's normaliser:
+          :meth:`count_weight` computes it without a forward pass.
         * Each micro-batch is scored with the same parameters.
           ``kl_mask_threshold`` is incompatible: its mask depends on the current
           policy.
@@ -176,6 +182,8 @@ class GradientAccumulationMixin:
                 ``aggregation="prompt_mean"``.
             ratio_mean (float or Tensor, optional): the full batch's masked mean
                 ratio, the variance centre for :class:`~torchrl_r2vpo.R2VPOLLMLoss`.
+            ratio_weight_sum (float or Tensor, optional): the full batch's sum of
+                behaviour weights (:meth:`count_weight`), for a weighted variance.
 
         Tensors are used as given (no host synchronisation).
         """
@@ -202,7 +210,8 @@ class GradientAccumulationMixin:
         for name, value in (("num_tokens", num_tokens), ("num_sequences", num_sequences)):
             if isinstance(value, (int, float)) and not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}.")
-        self._accumulation = _FullBatchNormalizers(num_tokens, num_sequences, ratio_mean)
+        self._accumulation = _FullBatchNormalizers(num_tokens, num_sequences, ratio_mean,
+                                                   ratio_weight_sum)
         try:
             yield self
         finally:
@@ -312,12 +321,29 @@ class GradientAccumulationMixin:
         tensordict.set(self.tensor_keys.advantage, advantage)
         return tensordict
 
+    def count_weight(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The sum of the behaviour weights ``w`` over the valid tokens of
+        ``tensordict`` (the token count when nothing is decoupled), as a scalar tensor,
+        without a forward pass."""
+        mask = self.token_mask(tensordict)
+        weight = self._decouple_with_weight(tensordict)[1]
+        if weight is None:
+            return mask.sum()
+        return torch.where(mask, weight, 0.0).sum()
+
     def _decouple(self, tensordict: TensorDictBase) -> TensorDictBase:
         """For a decoupled loss whose input holds the proximal log-probabilities, a
         shallow copy whose behaviour log-probabilities are the proximal ones and whose
         advantage is ``w * A`` per token (``[N, L, 1]``); else ``tensordict`` itself."""
+        return self._decouple_with_weight(tensordict)[0]
+
+    def _decouple_with_weight(
+        self, tensordict: TensorDictBase
+    ) -> tuple[TensorDictBase, torch.Tensor | None]:
+        """:meth:`_decouple`, and the detached behaviour weight ``w`` ``[N, L]`` it
+        applied (``None`` when it applied none)."""
         if not self.decoupled:
-            return tensordict
+            return tensordict, None
 
         def padded(key):
             return tensordict.get(key, None, as_padded_tensor=True, padding_side="left",
@@ -327,7 +353,7 @@ class GradientAccumulationMixin:
             self.tensor_keys.sample_log_prob)
         advantage = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
         if proximal is None or behaviour is None or advantage is None:
-            return tensordict  # nothing to decouple, or forward names what is missing
+            return tensordict, None  # nothing to decouple, or forward names what is missing
         key = self.tensor_keys.proximal_log_prob
         if proximal.shape != behaviour.shape:
             raise ValueError(
@@ -335,7 +361,7 @@ class GradientAccumulationMixin:
                 f"the behaviour ones {self.tensor_keys.sample_log_prob} {tuple(behaviour.shape)}.")
         if advantage.ndim != 3 or advantage.shape[:2] not in (
                 (behaviour.shape[0], 1), behaviour.shape):
-            return tensordict  # malformed: forward says so
+            return tensordict, None  # malformed: forward says so
         if not torch.isfinite(proximal)[self.token_mask(tensordict)].all():
             raise ValueError(f"The proximal log-probabilities {key} hold NaN or inf at valid "
                              "tokens.")
@@ -345,8 +371,9 @@ class GradientAccumulationMixin:
         # a token the behaviour policy left non-finite stays masked
         tensordict.set(self.tensor_keys.sample_log_prob,
                        torch.where(torch.isfinite(behaviour), proximal.detach(), behaviour))
-        tensordict.set(self.tensor_keys.advantage, advantage * log_w.exp().unsqueeze(-1))
-        return tensordict
+        weight = log_w.exp()
+        tensordict.set(self.tensor_keys.advantage, advantage * weight.unsqueeze(-1))
+        return tensordict, weight
 
     def forward(self, tensordict: TensorDictBase) -> LLMLossOutput:
         return super().forward(self._zero_unused_advantage(self._decouple(tensordict)))

@@ -34,8 +34,8 @@ class R2VPOLLMLossOutput(LLMLossOutput):
     Adds to :class:`~torchrl.objectives.llm.LLMLossOutput` the penalty
     ``loss_ratio_var``, the constraint statistic ``ratio_var``, the multiplier,
     ratio diagnostics, and the detached sufficient statistics (``ratio_sum``,
-    ``ratio_sq_sum`` in float64, ``num_tokens``) that :func:`~torchrl_r2vpo.merge_ratio_stats`
-    adds up across micro-batches.
+    ``ratio_sq_sum`` in float64, ``num_tokens``, ``ratio_weight_sum``) that
+    :func:`~torchrl_r2vpo.merge_ratio_stats` adds up across micro-batches.
     """
 
     loss_ratio_var: torch.Tensor | None = None
@@ -44,6 +44,7 @@ class R2VPOLLMLossOutput(LLMLossOutput):
     ratio_sum: torch.Tensor | None = None
     ratio_sq_sum: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
+    ratio_weight_sum: torch.Tensor | None = None
     mean_ratio: torch.Tensor | None = None
     max_ratio: torch.Tensor | None = None
 
@@ -95,7 +96,18 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
     so the constraint, and the dual variable that reads ``ratio_var``, measure the
     step of this update (``r == 1``, up to rounding, at its first optimiser step, for fresh and
     stale tokens alike), while ``w`` corrects for the age of the data. ``Var(r)``
-    is unweighted and pooled over all tokens, whatever their age. Without the key,
+    is pooled over all tokens, whatever their age; it is unweighted by default, and with
+    ``weighted_variance=True`` it is the self-normalised importance-weighted variance
+    under ``pi_prox``, each token's penalty scaled by its ``w``:
+
+    .. code-block:: text
+
+        Var_w(r) = sum w (r - rbar_w)^2 / sum w,    rbar_w = sum w r / sum w
+
+    A stale token that ``pi_prox`` has made unlikely (``w`` near 0) then barely counts:
+    unweighted, such a token's ratio can grow by hundreds within one update (its
+    probability under ``pi_prox`` is tiny) and the penalty's gradient,
+    ``2 lambda (r - rbar) r / N``, grows with its square. Without the key,
     or with ``pi_prox == pi_b`` (nothing stale), the loss is the one above.
     ``ratio="behaviour"`` ignores the key: ``r = pi_theta / pi_b``, the papers'
     literal reading, whose penalty pulls the policy back toward the old policies
@@ -142,6 +154,9 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             ``"proximal"``.
         max_behaviour_weight (float, optional): the truncation ``c >= 1`` of the
             behaviour weight ``w``; ``None`` for none. Defaults to ``2.0``.
+        weighted_variance (bool, optional): weigh each token's term of ``Var(r)``
+            (the penalty, ``ratio_var`` and the sums) by ``w``. Inside
+            :meth:`accumulation` it needs ``ratio_weight_sum``. Defaults to ``False``.
         **kwargs: every other :class:`~torchrl.objectives.llm.GRPOLoss` keyword
             argument (``aggregation``, ``masking_strategy``, ``entropy_bonus``,
             ``entropy_coeff``, ``kl_to_ref_coeff``, ``kl_to_inference_coeff``,
@@ -222,6 +237,7 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         check_finite: bool = True,
         ratio: Literal["proximal", "behaviour"] = "proximal",
         max_behaviour_weight: float | None = 2.0,
+        weighted_variance: bool = True,
         **kwargs,
     ):
         check_ratio_form(ratio)
@@ -242,6 +258,7 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         self.check_finite = check_finite
         self.decoupled = ratio == "proximal"
         self.max_behaviour_weight = max_behaviour_weight
+        self.weighted_variance = bool(weighted_variance)
 
     @property
     def out_keys(self):
@@ -260,6 +277,7 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
                     "ratio_sum",
                     "ratio_sq_sum",
                     "num_tokens",
+                    "ratio_weight_sum",
                     "mean_ratio",
                     "max_ratio",
                 ]
@@ -274,7 +292,8 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
     def forward(self, tensordict: TensorDictBase) -> R2VPOLLMLossOutput:
         if self.tensor_keys.action not in tensordict:
             raise ValueError(f"Action key {self.tensor_keys.action} not in tensordict.")
-        tensordict = self._zero_unused_advantage(self._decouple(tensordict))
+        tensordict, weight = self._decouple_with_weight(tensordict)
+        tensordict = self._zero_unused_advantage(tensordict)
         advantage = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
         if advantage is None:
             raise ValueError(f"Advantage key {self.tensor_keys.advantage} not in tensordict.")
@@ -291,7 +310,11 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         ratio = log_weight.exp()
         if self.check_finite and not is_dynamo_compiling():
             _check_finite_llm(ratio, advantage, mask, self.tensor_keys)
-        stats = RatioStats.of(ratio, mask)
+        if not self.weighted_variance or weight is None:
+            weight = None
+        else:
+            weight = weight.to(ratio.dtype).unsqueeze(-1)  # [N, L, 1], as the ratio
+        stats = RatioStats.of(ratio, mask, weight)
         center = self._ratio_center(stats, ratio)
 
         # Each per-token term is aggregated as soon as it exists, so that no
@@ -301,14 +324,20 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         # the penalty is lambda times the token-level ratio_var under every aggregation
         # (prompt_mean weighs the objective per sequence, not the constraint)
         per_token = self.aggregation == "none" or self.reduction == "none"
-        aggregate_penalty = aggregate if per_token else functools.partial(
-            self._token_mean, mask=mask, tensordict=tensordict)
+        if per_token:
+            aggregate_penalty = aggregate
+        elif weight is None:
+            aggregate_penalty = functools.partial(self._token_mean, mask=mask, tensordict=tensordict)
+        else:
+            aggregate_penalty = functools.partial(self._weight_mean, mask=mask,
+                                                  tensordict=tensordict, stats=stats)
+        penalty = squared_deviation(ratio, center)
+        if weight is not None:
+            penalty = weight * penalty
         td_out = TensorDict()
         td_out.set("loss_objective", aggregate(-ratio * advantage))
-        td_out.set(
-            "loss_ratio_var",
-            aggregate_penalty(self.lagrange_multiplier * squared_deviation(ratio, center)),
-        )
+        td_out.set("loss_ratio_var", aggregate_penalty(self.lagrange_multiplier * penalty))
+        del penalty
         td_out.update(self._ratio_diagnostics(log_weight.detach(), kl_approx, mask, stats, center))
         if self.entropy_bonus:
             entropy = self._get_entropy(dist, adv_shape=advantage.shape[:-1])
@@ -332,8 +361,8 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         """The detached statistics: GRPOLoss's diagnostics, with its definitions
         (``clip_fraction``, ``kl_approx``: means over all padded positions), and
         R2VPO's own over the valid tokens, from the float64 sums."""
-        count = stats.count
-        # the mean of (r - c)^2 over the valid tokens; NaN without any
+        count = mask.sum()
+        # the (weighted) mean of (r - c)^2 over the valid tokens; NaN without any
         ratio_var = stats.variance(center).to(log_weight.dtype)
         clipped = log_weight.clamp(*log_clip_bounds(self))
         valid_lw = torch.where(expand_as_right(mask, log_weight), log_weight, float("-inf"))
@@ -349,9 +378,29 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             "ratio_sum": stats.ratio_sum,
             "ratio_sq_sum": stats.ratio_sq_sum,
             "num_tokens": count,
+            "ratio_weight_sum": stats.count,
             "mean_ratio": stats.mean.to(log_weight.dtype),
             "max_ratio": flat.max().exp(),
         }
+
+    def _weight_mean(self, value: torch.Tensor, mask: torch.Tensor, tensordict: TensorDictBase,
+                     stats: RatioStats) -> torch.Tensor:
+        """The sum of ``value`` (already weighted) over the valid tokens divided by the
+        weights' sum (this call's, or the full batch's inside :meth:`accumulation`): the
+        token mean times ``num_tokens / sum w``, exactly the token mean when ``w == 1``."""
+        acc = self._accumulation
+        if acc is None:
+            num_tokens, weight_sum = mask.sum(), stats.count
+        elif acc.ratio_weight_sum is None:
+            raise ValueError(
+                "accumulation() with weighted_variance=True on stale data needs "
+                "ratio_weight_sum, the full batch's sum of behaviour weights (see "
+                "count_weight()).")
+        else:
+            num_tokens, weight_sum = acc.num_tokens, acc.ratio_weight_sum
+        scale = torch.as_tensor(num_tokens, dtype=torch.float64, device=value.device) / torch.as_tensor(
+            weight_sum, dtype=torch.float64, device=value.device).clamp_min(1e-300)
+        return self._token_mean(value, mask, tensordict) * scale.to(value.dtype)
 
     def _ratio_center(self, stats: RatioStats, ratio: torch.Tensor) -> torch.Tensor:
         """``rbar``: 1, the full batch's mean inside :meth:`accumulation` (when given), or
