@@ -28,6 +28,12 @@ behaviour``).
 Writes to ``--out``: ``curve.csv`` (one row per collected batch), ``curve.png``,
 ``checkpoint.pt`` (every ``--checkpoint-every`` frames and on Ctrl-C or SIGTERM), the
 logger's files, and ``policy.gif`` where MuJoCo can render offscreen.
+
+An optimiser step with a non-finite loss or gradient norm is skipped (with a warning, and
+counted in ``skipped_steps``); ``MAX_SKIPS`` in a row stop the run with an error, after saving
+the state of the last complete batch. ``--resume`` restores everything but the simulators:
+the resumed environments start new episodes, so a resumed run is repeatable but not the
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -48,11 +54,12 @@ from torchrl_r2vpo.recipes.control import (CURVE_FIELDS, action_log_probs, eval_
                                            load_optimizer_state, make_agent, make_collector,
                                            make_loss, make_optimizer, plot_curve,
                                            ratio_stats_by_staleness, set_lr, try_record_video)
-from torchrl_r2vpo.recipes.run_state import (curve_row, interrupts_deferred, load_checkpoint, log_row,
-                                             make_logger, open_run_dir, read_curve, save_checkpoint,
-                                             Schedule, seed_everything, snapshot, stop_on_sigterm,
-                                             truncate_curve)
-from torchrl_r2vpo.recipes.update import make_update, mean_metrics, minibatch_epochs
+from torchrl_r2vpo.recipes.run_state import (curve_row, interrupts_deferred, LinearDecay,
+                                             load_checkpoint, log_row, make_logger, open_run_dir,
+                                             read_curve, save_checkpoint, Schedule, seed_everything,
+                                             snapshot, stop_on_sigterm, truncate_curve)
+from torchrl_r2vpo.recipes.update import (make_update, mean_metrics, minibatch_epochs,
+                                          NonFiniteUpdateError)
 from torchrl_r2vpo.record import select_mujoco_gl
 
 
@@ -90,6 +97,7 @@ def main(cfg: ControlConfig) -> dict:
 
     # --- resume -------------------------------------------------------------------------
     frames, version, logger_state = 0, 0, None
+    lr_schedule = LinearDecay(cfg.lr, 0, cfg.frames)  # annealed linearly to 0 at --frames
     ckpt = load_checkpoint(ckpt_path, cfg, map_location=device)
     if ckpt is not None:
         loss.load_state_dict(ckpt["loss"])
@@ -98,15 +106,22 @@ def main(cfg: ControlConfig) -> dict:
             scheduler.load_state_dict(ckpt["scheduler"])
         history.load_state_dict(ckpt["history"])
         frames, version, logger_state = ckpt["frames"], ckpt["version"], ckpt["logger"]
+        # a longer --frames continues the schedule from the checkpoint's learning rate
+        saved = ckpt.get("lr_schedule", dict(value=cfg.lr, start=0, end=ckpt["config"]["frames"]))
+        lr_schedule = LinearDecay(**saved).resumed(frames, cfg.frames)
         print(f"resumed at frame {frames}: lambda {getattr(loss, 'lagrange_multiplier', math.nan):.9g}, "
               f"observation count {int(obs_norm.count)}")
-    truncate_curve(curve_path, "frames", frames, CURVE_FIELDS)
+    rows = truncate_curve(curve_path, "frames", frames, CURVE_FIELDS)
+    # the seconds of training before this process: time_s counts on across resumes
+    time_before = float(rows[-1]["time_s"]) if rows else 0.0  # a checkpoint without time_s
+    time_s = time_before = ckpt.get("time_s", time_before) if ckpt is not None else 0.0
     logger = make_logger(cfg, out, f"{cfg.loss}-{cfg.env.replace(':', '-')}-seed{cfg.seed}",
                          logger_state)
 
     def state() -> dict:
         """The whole training state, copied: taken after each batch, saved as a checkpoint."""
-        return snapshot(cfg, frames=frames, version=version, loss=loss.state_dict(),
+        return snapshot(cfg, frames=frames, version=version, time_s=time_s,
+                        lr_schedule=lr_schedule.state_dict(), loss=loss.state_dict(),
                         optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict() if scheduler is not None else None,
                         history=history.state_dict(), logger=logger.state_dict())
@@ -134,7 +149,8 @@ def main(cfg: ControlConfig) -> dict:
     try:
         for data in collector if collector is not None else ():
             torch.set_num_threads(threads)  # a batched env closed after the last batch raises it
-            set_lr(optimizer, cfg.lr * (1 - frames / cfg.frames))
+            lr = lr_schedule(frames)
+            set_lr(optimizer, lr)
             data.set("policy_version", torch.full(data.shape, version, device=data.device))
             if cfg.reward_scale != 1:  # the returns reported below stay unscaled
                 data.set(("next", "reward"), data["next", "reward"] * cfg.reward_scale)
@@ -143,9 +159,12 @@ def main(cfg: ControlConfig) -> dict:
             stored = history[: len(history)]  # [K + 1, (workers,) envs, T]: GAE runs along T
             if proximal_key is not None:  # log pi_prox, once per update, fresh and stale rows
                 stored.set(proximal_key, action_log_probs(actor, stored))
-            metrics = []
+            metrics, skipped = [], 0
             for batch in minibatch_epochs(stored, minibatches, cfg.epochs, prepare=gae):
                 out_td = update(batch)
+                if out_td is None:  # a non-finite loss or gradient: no step, no dual step
+                    skipped += 1
+                    continue
                 if scheduler is not None and not scheduler.fixed:
                     scheduler.step(out_td)
                 metrics.append(out_td)
@@ -163,10 +182,12 @@ def main(cfg: ControlConfig) -> dict:
             # --- metrics, evaluation, checkpoint --------------------------------------------
             returns = data["next", "episode_reward"][data["next", "done"]]
             now = time.perf_counter()  # frames/s of collection and training, not evaluation
+            time_s = time_before + now - start
             row = curve_row(CURVE_FIELDS, mean_metrics(metrics), frames=frames,
-                            time_s=round(now - start, 2),
+                            time_s=round(time_s, 2),
                             fps=round(data.numel() / (now - iteration_start), 1),
-                            update_s=round(update_s, 3),
+                            update_s=round(update_s, 3), lr=lr,
+                            skipped_steps=skipped,
                             physics_errors=data.get(("next", "physics_error"), torch.zeros(())).sum().item(),
                             train_return=returns.mean().item() if returns.numel() else "")
             stop = cfg.time_limit > 0 and now - start >= cfg.time_limit
@@ -194,6 +215,10 @@ def main(cfg: ControlConfig) -> dict:
         frames = last_state["frames"]
         print(f"\ninterrupted at frame {frames}; checkpoint saved, continue with --resume")
         return {"interrupted": True, "frames": frames}
+    except NonFiniteUpdateError as err:  # diverged: keep the state from before the fault
+        save_checkpoint(ckpt_path, last_state)
+        raise NonFiniteUpdateError(f"{err} in the batch after frame {last_state['frames']}; "
+                                   f"{ckpt_path} holds the run at that frame") from None
     finally:
         pbar.close()
         if eval_env is not env:
@@ -220,4 +245,7 @@ def main(cfg: ControlConfig) -> dict:
 if __name__ == "__main__":
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     stop_on_sigterm()
-    main(parse(ControlConfig, description=__doc__.splitlines()[0]))
+    try:
+        main(parse(ControlConfig, description=__doc__.splitlines()[0]))
+    except NonFiniteUpdateError as err:  # one line and a non-zero exit status
+        raise SystemExit(f"{Path(__file__).name}: error: {err}") from None

@@ -21,6 +21,9 @@ minibatches. Writes to ``--out``: ``curve.csv`` (one row per iteration), ``stale
 (one row per iteration and data age: the update's ratio statistics, the behaviour weights),
 ``curve.png`` (reward and accuracy; ratio distributions by staleness), ``checkpoint.pt``
 (every ``--checkpoint-every`` rollouts and on Ctrl-C or SIGTERM) and the logger's files.
+An optimiser step with a non-finite loss or gradient norm is skipped (with a warning, and
+counted in ``skipped_steps``); ``MAX_SKIPS`` in a row stop the run with an error, after saving
+the state of the last complete iteration.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ from torchrl_r2vpo.recipes.run_state import (append_row, curve_row, interrupts_d
                                              load_checkpoint, log_row, make_logger, open_run_dir,
                                              read_curve, save_checkpoint, Schedule, seed_everything,
                                              snapshot, stop_on_sigterm, truncate_curve)
-from torchrl_r2vpo.recipes.update import make_update, mean_metrics, minibatch_epochs
+from torchrl_r2vpo.recipes.update import (make_update, mean_metrics, minibatch_epochs,
+                                          NonFiniteUpdateError)
 
 
 def main(cfg: LLMConfig) -> dict:
@@ -102,6 +106,9 @@ def main(cfg: LLMConfig) -> dict:
               f"{float(getattr(loss, 'lagrange_multiplier', math.nan)):.9g}, "
               f"{len(history)} stored completions")
     rows = truncate_curve(curve_path, "rollouts", rollouts, CURVE_FIELDS)
+    # the seconds of training before this process: time_s counts on across resumes
+    time_before = float(rows[-1]["time_s"]) if rows else 0.0  # a checkpoint without time_s
+    time_s = time_before = ckpt.get("time_s", time_before) if ckpt is not None else 0.0
     truncate_curve(staleness_path, "rollouts", rollouts, STALENESS_CSV_FIELDS)
     if initial is None:
         initial = held_out_accuracy(cfg, model, tokenizer, test, pass_at=8)
@@ -112,7 +119,8 @@ def main(cfg: LLMConfig) -> dict:
 
     def state() -> dict:
         """The whole training state, copied: taken after each iteration, saved as a checkpoint."""
-        return snapshot(cfg, rollouts=rollouts, version=version, initial_accuracy=initial,
+        return snapshot(cfg, rollouts=rollouts, version=version, time_s=time_s,
+                        initial_accuracy=initial,
                         loss=loss.state_dict(), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict() if scheduler is not None else None,
                         history=history.state_dict(), env=env.state_dict(),
@@ -142,13 +150,16 @@ def main(cfg: LLMConfig) -> dict:
             # the model stays in eval mode: dropout in a forward pass would make the ratio
             # differ from 1 on the data it sampled (its log-probs were taken in eval mode)
             stored[PROXIMAL_LOG_PROBS_KEY] = sequence_log_probs(model, stored)
-            metrics = []
+            metrics, skipped = [], 0
             for minibatch in minibatch_epochs(stored, minibatches, cfg.epochs):
                 out_td = update(minibatch.to(cfg.device))
+                if out_td is None:  # a non-finite loss or gradient: no step, no dual step
+                    skipped += 1
+                    continue
                 if dual_per_minibatch:
                     scheduler.step(out_td)
                 metrics.append(out_td.cpu())
-            if scheduler is not None and not dual_per_minibatch:  # once, on the pooled Var(r)
+            if scheduler is not None and not dual_per_minibatch and metrics:  # on the pooled Var(r)
                 scheduler.step(merge_ratio_stats(metrics, variance_center=loss.variance_center))
             sums, ratio, mask, age = update_staleness(model, stored, version)
             keep_ratio_samples(ratio_samples, ratio, mask, age)
@@ -159,9 +170,10 @@ def main(cfg: LLMConfig) -> dict:
 
             # --- metrics, evaluation, checkpoint --------------------------------------------
             now = time.perf_counter()
+            time_s = time_before + now - start
             tokens = batch[ASSISTANT_MASK_KEY].sum().item()
             row = curve_row(CURVE_FIELDS, mean_metrics(metrics), rollouts=rollouts,
-                            time_s=round(now - start, 2),
+                            time_s=round(time_s, 2), skipped_steps=skipped,
                             tokens_per_s=round(tokens / (now - iteration_start), 1),
                             train_reward=batch["next", "reward"].mean().item())
             if eval_due(rollouts):
@@ -187,6 +199,10 @@ def main(cfg: LLMConfig) -> dict:
         print(f"\ninterrupted at {last_state['rollouts']} rollouts; checkpoint saved, "
               "continue with --resume")
         return {"rollouts": last_state["rollouts"], "interrupted": True}
+    except NonFiniteUpdateError as err:  # diverged: keep the state from before the fault
+        save_checkpoint(ckpt_path, last_state)
+        raise NonFiniteUpdateError(f"{err} in the iteration after {last_state['rollouts']} "
+                                   f"rollouts; {ckpt_path} holds the run there") from None
     finally:
         pbar.close()
 
@@ -203,4 +219,7 @@ def main(cfg: LLMConfig) -> dict:
 
 if __name__ == "__main__":
     stop_on_sigterm()
-    main(parse(LLMConfig, description=__doc__.splitlines()[0]))
+    try:
+        main(parse(LLMConfig, description=__doc__.splitlines()[0]))
+    except NonFiniteUpdateError as err:  # one line and a non-zero exit status
+        raise SystemExit(f"{Path(__file__).name}: error: {err}") from None

@@ -19,7 +19,7 @@ from torchrl.data import Bounded, Composite
 from torchrl_r2vpo.envs import make_env
 from torchrl_r2vpo.recipes import control, update
 from torchrl_r2vpo.recipes.config import ControlConfig
-from torchrl_r2vpo.recipes.run_state import interrupts_deferred
+from torchrl_r2vpo.recipes.run_state import interrupts_deferred, read_checkpoint, save_checkpoint
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "dmc_walker.py"
 SMALL = ["--frames-per-batch", "1024", "--num-envs", "4", "--num-workers", "1", "--epochs", "2",
@@ -148,6 +148,57 @@ def test_interrupt_and_resume_continue_the_run(tmp_path):
     bad = run_example("--frames", str(frames + 2048), "--dual", "adaptive", "--entropy-coeff",
                       "0.01", "--resume", "--out", str(tmp_path))
     assert bad.returncode != 0 and "entropy_coeff=0.0" in bad.stderr
+
+
+@pytest.mark.timeout(240)
+def test_non_finite_updates_are_skipped_then_stop_the_run_before_a_nan_is_saved(
+        tmp_path, run_with_faulty_loss):
+    # 8 optimiser steps a batch: the 2nd batch skips its first 2, the 3rd its first 3 and stops
+    result = run_with_faulty_loss(
+        EXAMPLE, "control", "loss_critic", [9, 10], 17,
+        [*SMALL, "--frames", "4096", "--dual", "adaptive", "--checkpoint-every", "1024",
+         "--eval-every", "1000000", "--out", str(tmp_path)])
+    assert result.returncode == 1, result.stderr[-3000:]
+    ckpt_path = tmp_path / "checkpoint.pt"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "dmc_walker.py: error: 3 optimiser steps in a row had a non-finite loss or gradient norm: "
+        "loss_critic nan, grad_norm nan; training stopped in the batch after frame 2048; "
+        f"{ckpt_path} holds the run at that frame")
+    assert "skipped an optimiser step (2 so far, 2 in a row; 3 in a row stop training): " \
+           "non-finite loss_critic nan, grad_norm nan" in result.stderr
+    rows = read_curve(tmp_path)
+    assert [(r["frames"], r["skipped_steps"]) for r in rows] == [("1024", "0"), ("2048", "2")]
+    assert float(rows[-1]["loss_critic"]) > 0  # the mean over the steps taken: finite
+    ckpt = read_checkpoint(ckpt_path)  # checks every tensor finite
+    assert ckpt["frames"] == 2048
+    assert ckpt["scheduler"]["num_steps"] == 14  # the dual did not step on the skipped ones
+
+
+@pytest.mark.timeout(300)
+def test_a_longer_budget_continues_the_learning_rate_and_the_clock_on_resume(tmp_path):
+    first = run_example("--frames", "2048", "--time-limit", "0.001", "--eval-every", "1000000",
+                        "--out", str(tmp_path))  # stops after one batch
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["frames"] == 1024
+    assert 0 < ckpt["time_s"] == pytest.approx(float(read_curve(tmp_path)[0]["time_s"]), abs=0.01)
+    ckpt["time_s"] = 1000.0  # as if the first process had trained for 1000 s
+    save_checkpoint(tmp_path / "checkpoint.pt", ckpt)
+    result = run_example("--frames", "3072", "--resume", "--eval-every", "1000000",
+                         "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_curve(tmp_path)
+    assert [int(r["frames"]) for r in rows] == [1024, 2048, 3072]
+    # 3e-4 annealed to 0 at 2048 reached 1.5e-4 at 1024; from there it anneals to 0 at 3072
+    assert [float(r["lr"]) for r in rows] == pytest.approx([3e-4, 1.5e-4, 7.5e-5], rel=1e-9)
+    times = [float(r["time_s"]) for r in rows]
+    assert times[0] < 1000 < times[1] < times[2]  # the clock counts on from the checkpoint's
+    # the schedule has reached 0: a longer budget would not learn, and is refused by name
+    refused = run_example("--frames", "4096", "--resume", "--out", str(tmp_path))
+    assert refused.returncode != 0
+    assert "--resume with --frames 4096: the checkpoint's learning rate was annealed to 0 at " \
+           "3072" in refused.stderr
+    assert [int(r["frames"]) for r in read_curve(tmp_path)] == [1024, 2048, 3072]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -22,7 +22,8 @@ from torchrl_r2vpo.data import group_advantages, PROXIMAL_LOG_PROBS_KEY, stalene
 from torchrl_r2vpo.math_task import build_math_lm, build_math_tokenizer, load_math_lm
 from torchrl_r2vpo.recipes import llm
 from torchrl_r2vpo.recipes.config import flag, LLMConfig
-from torchrl_r2vpo.recipes.run_state import load_checkpoint, open_run_dir
+from torchrl_r2vpo.recipes.run_state import (load_checkpoint, open_run_dir, read_checkpoint,
+                                             save_checkpoint)
 from torchrl_r2vpo.recipes.update import make_update, mean_metrics
 
 EXAMPLE = Path(__file__).parents[1] / "examples" / "llm_math.py"
@@ -144,6 +145,41 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tmp_path, half_run):
         return result.stdout.strip().splitlines()[-1]
 
     assert last_line(resumed) == last_line(straight).replace(str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_resumed_time_counts_on_from_the_checkpoints(tmp_path, half_run):
+    out, half = half_run
+    shutil.copytree(out, tmp_path / "run")
+    ckpt = read_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert 0 < ckpt["time_s"] == pytest.approx(float(read_curve(out)[-1]["time_s"]), abs=0.01)
+    ckpt["time_s"] = 1000.0  # as if the first process had trained for 1000 s
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", ckpt)
+    run_example(**{**half, "out": str(tmp_path / "run"), "rollouts": 48, "resume": True})
+    times = [float(r["time_s"]) for r in read_curve(tmp_path / "run")]
+    assert len(times) == 3 and times[0] < times[1] < 1000 < times[2]
+
+
+@pytest.mark.timeout(300)
+def test_non_finite_updates_are_skipped_then_stop_the_run_before_a_nan_is_saved(
+        tmp_path, tiny_model, run_with_faulty_loss):
+    # minibatches of 32 over the 16, 32, 48, 48, ... stored completions: optimiser steps 1, 2,
+    # 3-4, 5-6, 7-8; the 2nd iteration skips its step, the 4th both, the 5th stops at step 7
+    run = settings(tmp_path, tiny_model, rollouts=80)
+    result = run_with_faulty_loss(EXAMPLE, "llm", "loss_objective", [2], 5, command(**run)[2:])
+    assert result.returncode == 1, result.stderr[-3000:]
+    ckpt_path = tmp_path / "checkpoint.pt"
+    assert result.stderr.strip().splitlines()[-1] == (
+        "llm_math.py: error: 3 optimiser steps in a row had a non-finite loss or gradient norm: "
+        "loss_objective nan, grad_norm nan; training stopped in the iteration after 64 rollouts; "
+        f"{ckpt_path} holds the run there")
+    assert "skipped an optimiser step (1 so far, 1 in a row; 3 in a row stop training)" in result.stderr
+    rows = read_curve(tmp_path)
+    assert [(r["rollouts"], r["skipped_steps"]) for r in rows] == [
+        ("16", "0"), ("32", "1"), ("48", "0"), ("64", "2")]
+    assert rows[1]["loss_objective"] == rows[3]["loss_objective"] == ""  # no step taken
+    ckpt = read_checkpoint(ckpt_path)  # checks every tensor finite
+    assert ckpt["rollouts"] == 64
+    assert ckpt["scheduler"]["num_steps"] == 2  # the dual stepped after iterations 1 and 3 only
 
 
 @pytest.mark.timeout(300)

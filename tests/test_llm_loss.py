@@ -205,7 +205,8 @@ class TestLayout:
         data["log_probs", "full"][0, PROMPT_WIDTH + 1] = float("nan")
         loss = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False)
         assert int(loss.count_tokens(data)) == n - 1
-        assert int(loss(data).num_tokens) == n - 1
+        with pytest.warns(UserWarning, match=f"leaves out 1 of {n} tokens"):
+            assert int(loss(data).num_tokens) == n - 1
 
 
 # ----------------------------------------------------------------- R2VPO identities
@@ -379,6 +380,92 @@ class TestR2VPOLLM:
         out = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False)(data)
         assert torch.isnan(out.ratio_var) and int(out.num_tokens) == 0
         assert torch.isfinite(out.loss_objective).all()
+
+    def test_multiplier_written_in_place_is_never_used_out_of_bounds(self, actor):
+        data = make_batch(actor)
+        loss = R2VPOLLMLoss(actor, masking_strategy="rlhf", entropy_bonus=False)
+        loss.lagrange_multiplier.fill_(-5.0)  # bypasses the check on assignment
+        with pytest.raises(ValueError, match="lagrange_multiplier is -5.0.*fill_"):
+            loss(data)
+        loss.check_finite = False  # unchecked, it is read as 0
+        out = loss(data)
+        assert out.lagrange_multiplier == 0 and out.loss_ratio_var == 0 and out.ratio_var > 1e-3
+
+
+STATISTICS = ("clip_fraction", "kl_approx", "ESS", "entropy", "kl_to_ref", "ratio_var",
+              "mean_ratio", "max_ratio")
+
+
+class TestBadInput:
+    """Every loss of the package reads its input the same way."""
+
+    @pytest.mark.parametrize("name", list(LLM_LOSSES))
+    def test_non_finite_behaviour_log_probs_are_left_out_with_a_warning(self, actor, name):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        n = int(mask.sum())
+        data["log_probs", "full"][0, PROMPT_WIDTH] = float("inf")  # a ratio of 0, if kept
+        data["log_probs", "full"][1, PROMPT_WIDTH] = float("-inf")
+        loss = make_llm_loss(name, actor, masking_strategy="rlhf", entropy_bonus=False)
+        with pytest.warns(UserWarning, match=rf"leaves out 2 of {n} tokens \({2 / n:.1%}\)"):
+            out = loss(data)
+        reference = data.clone()
+        reference["masks", "all_assistant_mask"][:2, PROMPT_WIDTH] = False
+        reference["log_probs", "full"][:2, PROMPT_WIDTH] = 0.0
+        torch.testing.assert_close(out.loss_objective, loss(reference).loss_objective)
+
+    @pytest.mark.parametrize("name", list(LLM_LOSSES))
+    def test_no_token_left_raises(self, actor, name):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        data["log_probs", "full"] = torch.where(mask, float("nan"), data["log_probs", "full"])
+        loss = make_llm_loss(name, actor, masking_strategy="rlhf")
+        with pytest.raises(ValueError, match=r"\('log_probs', 'full'\).* every one of the "
+                                             rf"{int(mask.sum())} tokens .* no token is left"):
+            loss(data)
+
+    @pytest.mark.parametrize("name", list(LLM_LOSSES))
+    def test_no_valid_token_gives_nan_for_every_statistic(self, actor, name):
+        data = make_batch(actor)
+        mask = data["masks", "all_assistant_mask"]
+        data["next", "ref_log_probs", "full"] = data["log_probs", "full"] - 0.1
+        data["masks", "all_assistant_mask"] = torch.zeros_like(mask)
+        out = make_llm_loss(name, actor, masking_strategy="rlhf", kl_to_ref_coeff=0.1)(data)
+        values = out.to_tensordict()
+        for key in STATISTICS:
+            if key in values.keys():
+                assert torch.isnan(values[key]), key
+        for key in values.keys():
+            if key.startswith("loss_"):
+                assert values[key] == 0, key
+        if name == "r2vpo":
+            assert out.num_tokens == 0 and out.ratio_sum == 0 and out.lagrange_multiplier == 0.5
+
+    @pytest.mark.parametrize("name", ["r2vpo", "grpo"])
+    @pytest.mark.parametrize("case, error, match", [
+        ("empty", ValueError, r"empty batch \(batch size \(0,\)\)"),
+        ("no action", KeyError, r"\('tokens', 'full'\) .*tensor_keys.action"),
+        ("no advantage", KeyError, r"'advantage' .*tensor_keys.advantage: one value per sequence"),
+        ("no log-prob", KeyError, r"\('log_probs', 'full'\) .*tensor_keys.sample_log_prob"),
+        ("int assistant mask", TypeError, r"\('masks', 'all_assistant_mask'\) must be a bool"),
+        ("int collector mask", TypeError, r"\('collector', 'mask'\) must be a bool"),
+    ])
+    def test_bad_input_names_the_entry(self, actor, name, case, error, match):
+        data = make_batch(actor)
+        if case == "empty":
+            data = data[:0]
+        elif case == "no action":
+            data = data.exclude(("tokens", "full"))
+        elif case == "no advantage":
+            data = data.exclude("advantage")
+        elif case == "no log-prob":
+            data = data.exclude(("log_probs", "full"))
+        elif case == "int assistant mask":
+            data["masks", "all_assistant_mask"] = data["masks", "all_assistant_mask"].long()
+        else:
+            data["collector", "mask"] = torch.ones(data.shape, dtype=torch.long)
+        with pytest.raises(error, match=match):
+            make_llm_loss(name, actor, masking_strategy="rlhf")(data)
 
 
 # ------------------------------------------------------------ gradient accumulation

@@ -521,6 +521,21 @@ class TestTorchRLConventions:
         assert torch.isnan(out["ratio_var"])
         assert out["loss_objective"] == 0 and out["loss_ratio_var"] == 0
 
+    def test_no_valid_position_gives_nan_for_every_statistic(self):
+        actor = make_actor()
+        data = make_data(actor, batch=(2, 4))
+        data.set(("collector", "mask"), torch.zeros(2, 4, dtype=torch.bool))
+        out = R2VPOLoss(actor, make_critic())(data)
+        statistics = {key for key in out.keys() if not key.startswith("loss_")}
+        assert {"ratio_var", "ESS", "mean_ratio", "max_ratio", "clip_fraction", "kl_approx",
+                "entropy", "explained_variance"} <= statistics
+        for key in statistics - {"lagrange_multiplier"}:
+            assert torch.isnan(out[key]), key
+        assert out["lagrange_multiplier"] == 0.5
+        for key in out.keys():
+            if key.startswith("loss_"):
+                assert out[key] == 0, key
+
     def test_precomputed_advantage_without_critic(self):
         actor, data = stale_setup()
         out = R2VPOLoss(actor)(data)
@@ -547,6 +562,16 @@ class TestBadInput:
         with pytest.raises(ValueError, match="'action_log_prob'"):
             loss(data)
 
+    @pytest.mark.parametrize("key", ["action_log_prob", "proximal_log_prob"])
+    def test_plus_inf_stored_log_prob_names_the_key(self, key):
+        # +inf gives a ratio of 0, which is finite: the stored entries are checked themselves
+        actor, data = stale_setup()
+        if key == "proximal_log_prob":
+            data[key] = data["action_log_prob"].clone()
+        data[key][0] = float("inf")
+        with pytest.raises(ValueError, match=f"'{key}'.* NaN or inf"):
+            R2VPOLoss(actor)(data)
+
     def test_diverged_policy_is_reported(self):
         actor, data = stale_setup()
         with torch.no_grad():
@@ -572,6 +597,54 @@ class TestBadInput:
         actor, data = stale_setup()
         with pytest.raises(KeyError, match="action_log_prob"):
             R2VPOLoss(actor)(data.exclude("action_log_prob"))
+
+    def test_empty_batch_is_refused(self):
+        actor, data = stale_setup()
+        for loss in (R2VPOLoss(actor), R2VPOLoss(actor, make_critic())):
+            with pytest.raises(ValueError, match=r"empty batch \(batch size \(0,\)\)"):
+                loss(data[:0])
+
+    def test_missing_action_names_the_key_and_its_field(self):
+        actor, data = stale_setup()
+        with pytest.raises(KeyError, match="'action' .*tensor_keys.action"):
+            R2VPOLoss(actor)(data.exclude("action"))
+        loss = R2VPOLoss(actor)
+        loss.set_keys(action="act")
+        with pytest.raises(KeyError, match="'act' .*tensor_keys.action"):
+            loss(data)
+
+    def test_missing_observation_names_the_actor_input(self):
+        actor, data = stale_setup()
+        with pytest.raises(KeyError, match=r"\['observation'\] missing .* the actor reads them"):
+            R2VPOLoss(actor)(data.exclude("observation"))
+
+    def test_missing_advantage_and_next_names_what_the_estimator_reads(self):
+        actor, data = stale_setup()
+        loss = R2VPOLoss(actor, make_critic())
+        with pytest.raises(KeyError, match=r"\('next', 'reward'\).*tensor_keys.advantage"):
+            loss(data.exclude("advantage", "next"))
+        with pytest.raises(KeyError, match=r"\[\('next', 'reward'\)\] missing"):
+            loss(data.exclude("advantage", ("next", "reward")))
+
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+    def test_non_bool_mask_is_refused(self, dtype):
+        actor = make_actor()
+        data = make_data(actor, batch=(2, 4))
+        data.set(("collector", "mask"), torch.ones(2, 4, dtype=dtype))
+        with pytest.raises(TypeError, match=r"\('collector', 'mask'\) must be a bool tensor"):
+            R2VPOLoss(actor)(data)
+
+    @pytest.mark.parametrize("bad", [-5.0, float("nan")])
+    def test_multiplier_written_in_place_is_never_used_out_of_bounds(self, bad):
+        actor, data = stale_setup()
+        loss = R2VPOLoss(actor, entropy_bonus=False)
+        loss.lagrange_multiplier.fill_(bad)  # bypasses the check on assignment
+        with pytest.raises(ValueError, match="lagrange_multiplier is .*fill_"):
+            loss(data)
+        loss.check_finite = False  # unchecked, it is read as 0
+        out = loss(data)
+        assert out["lagrange_multiplier"] == 0 and out["loss_ratio_var"] == 0
+        assert out["ratio_var"] > 1e-3
 
     @pytest.mark.parametrize(
         "kwargs, name",

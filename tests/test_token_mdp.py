@@ -20,6 +20,8 @@ from torchrl_r2vpo.math_task import (
     format_prompt,
     generate_problems,
     load_math_lm,
+    math_reward,
+    score_batch,
 )
 
 MAX_NEW = 6
@@ -128,6 +130,19 @@ def test_bad_arguments(tokenizer):
         TokenGenerationEnv(["What is 1 + 1?"], ["2"], tokenizer, num_prompts=1, max_prompt_length=2)
     with pytest.raises(ValueError, match=">= 1"):
         TokenGenerationEnv(["1+1"], ["2"], tokenizer, num_prompts=1, group_size=0)
+
+
+@pytest.mark.parametrize("returned, name", [(None, "NoneType"), ("1.0", "str"), ([1.0], "list")])
+def test_a_reward_fn_that_returns_no_number_is_named(tokenizer, returned, name):
+    env = make_env(tokenizer, reward_fn=lambda text, answer: returned)
+    with pytest.raises(TypeError, match=f"reward_fn must return a number .* returned {name} "):
+        force(env, ["<eos>"])  # every completion ends: the environment scores them
+    response = torch.full((2, MAX_NEW), tokenizer.eos_token_id)
+    with pytest.raises(TypeError, match=f"reward_fn .* returned {name} "):
+        env.score(response, torch.tensor([0, 1]))  # the whole-completion rollouts' path
+    # numbers of any type are read as floats
+    env = make_env(tokenizer, reward_fn=lambda text, answer: torch.tensor(1))
+    assert force(env, ["<eos>"])["reward"].eq(1.0).all()
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +300,26 @@ def test_sequence_batch_keys_are_what_torchrl_llm_losses_read(tokenizer, model):
                 ("log_probs", "full")):
         assert batch[key].shape == batch["tokens", "full"].shape
     assert batch["policy_version"].eq(0).all() and batch["next", "done"].all()
+
+
+def test_math_reward_scores_a_batch_at_once(tokenizer, monkeypatch):
+    import torchrl_r2vpo.envs.token_mdp as token_mdp
+
+    calls = []
+
+    def counted(texts, answers, **kwargs):
+        calls.append(len(texts))
+        return score_batch(texts, answers, **kwargs)
+
+    monkeypatch.setattr(token_mdp, "score_batch", counted)
+    env = make_env(tokenizer)
+    texts = [f"{env.answers[0]}", f"{env.answers[1]}1", "", f"{env.answers[3]}"]
+    width = max(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts) + 1
+    response = torch.full((len(texts), width), tokenizer.eos_token_id)
+    for row, text in enumerate(texts):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        response[row, :len(ids)] = torch.tensor(ids)
+    rewards = env.score(response, torch.arange(len(texts)))
+    assert calls == [len(texts)]
+    expected = [math_reward(text, env.answers[i]) for i, text in enumerate(texts)]
+    assert rewards.view(-1).tolist() == expected and expected[0] == 1.0 and expected[1] == 0.0

@@ -14,6 +14,7 @@ in one call and writes the same sequence layout (:mod:`torchrl_r2vpo.data.llm`).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 
 import torch
@@ -25,7 +26,7 @@ from torchrl.envs import EnvBase
 from torchrl.modules import ProbabilisticActor
 
 from torchrl_r2vpo.data.llm import sequence_batch
-from torchrl_r2vpo.math_task.reward import math_reward
+from torchrl_r2vpo.math_task.reward import math_reward, math_verify_reward, score_batch
 
 __all__ = ["TokenGenerationEnv", "next_token_actor", "sequences_from_rollout"]
 
@@ -58,7 +59,9 @@ class TokenGenerationEnv(EnvBase):
         max_new_tokens: completion length limit.
         max_prompt_length: prompt buffer width; defaults to the longest prompt. Longer
             prompts raise.
-        reward_fn: ``(completion_text, answer) -> float``.
+        reward_fn: ``(completion_text, answer) -> float``, called once per completion;
+            a value that is not a real number (``None``, a string, ...) raises a
+            ``TypeError``.
         vocab_size: size of the action space; defaults to ``len(tokenizer)`` (pass the
             model's vocabulary size when its embedding is padded).
         seed: seed of the prompt order.
@@ -215,8 +218,8 @@ class TokenGenerationEnv(EnvBase):
             responses = tokens[newly_done, self.max_prompt_length:]
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             index = tensordict["problem_index"].squeeze(-1)
-            for row, text in zip(newly_done, texts):
-                reward[row] = self.reward_fn(text, self.answers[int(index[row])])
+            answers = [self.answers[int(index[row])] for row in newly_done]
+            reward[newly_done] = torch.tensor(self._rewards(texts, answers)).view(-1, 1)
         return TensorDict(
             tokens=tokens, attention_mask=mask, prompt_length=tensordict["prompt_length"],
             generated=generated, group=tensordict["group"],
@@ -227,8 +230,29 @@ class TokenGenerationEnv(EnvBase):
     def score(self, response_tokens: torch.Tensor, problem_index: torch.Tensor) -> torch.Tensor:
         """The rewards ``[N, 1]`` of completions ``[N, T]`` (padding and EOS are skipped)."""
         texts = self.tokenizer.batch_decode(response_tokens, skip_special_tokens=True)
-        return torch.tensor([[self.reward_fn(text, self.answers[int(i)])]
-                             for text, i in zip(texts, problem_index.view(-1))])
+        answers = [self.answers[int(i)] for i in problem_index.view(-1)]
+        return torch.tensor(self._rewards(texts, answers)).view(-1, 1)
+
+    def _rewards(self, texts: list[str], answers: list[str]) -> list[float]:
+        """``reward_fn`` of each completion; ``math_reward`` and ``math_verify_reward`` score
+        the batch at once (:func:`~torchrl_r2vpo.math_task.score_batch`: slow comparisons in
+        parallel)."""
+        if self.reward_fn in (math_reward, math_verify_reward):
+            verifier = "builtin" if self.reward_fn is math_reward else "math-verify"
+            return score_batch(texts, answers, verifier=verifier)
+        return [self._reward(text, answer) for text, answer in zip(texts, answers)]
+
+    def _reward(self, text: str, answer: str) -> float:
+        """``reward_fn(text, answer)`` as a float; a ``TypeError`` if it is not a number."""
+        value = self.reward_fn(text, answer)
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not isinstance(value, numbers.Real):
+            raise TypeError(
+                f"reward_fn must return a number (float) per completion; it returned "
+                f"{type(value).__name__} ({value!r:.80}) for the completion {text!r:.80}."
+            )
+        return float(value)
 
 
 class _NextTokenLogits(nn.Module):

@@ -26,9 +26,12 @@ from torchrl_r2vpo.math_task.reward import (
     answers_match,
     extract_answer,
     math_reward,
+    math_verify_reward,
     normalize_answer,
+    score_batch,
 )
 from torchrl_r2vpo.math_task.sft import sft_loss, warm_start
+from torchrl_r2vpo.math_task.verifier_pool import VerifierPool
 
 __all__ = [
     "ADDITION_MODEL_PATH",
@@ -36,6 +39,7 @@ __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
     "DEFAULT_MODEL_PATH",
     "MathProblem",
+    "VerifierPool",
     "answers_match",
     "build_math_lm",
     "build_math_tokenizer",
@@ -51,7 +55,9 @@ __all__ = [
     "load_hf_math",
     "load_math_lm",
     "math_reward",
+    "math_verify_reward",
     "normalize_answer",
+    "score_batch",
     "sft_loss",
     "warm_start",
 ]

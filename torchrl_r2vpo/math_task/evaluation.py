@@ -10,7 +10,7 @@ import torch
 from torchrl_r2vpo.collectors.llm import stop_token_ids
 from torchrl_r2vpo.math_task.lm import DEFAULT_MAX_NEW_TOKENS, format_prompt
 from torchrl_r2vpo.math_task.problems import MathProblem
-from torchrl_r2vpo.math_task.reward import math_reward
+from torchrl_r2vpo.math_task.reward import score_batch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -98,7 +98,8 @@ def evaluate_accuracy(
     batch_size: int = 256,
     seed: int | None = 0,
 ) -> float:
-    """Fraction of ``problems`` whose completion :func:`math_reward` scores as correct.
+    """Fraction of ``problems`` whose completion :func:`~torchrl_r2vpo.math_task.math_reward` scores
+    as correct (scored at once with :func:`~torchrl_r2vpo.math_task.score_batch`).
 
     Arguments are those of :func:`generate_completions`.
 
@@ -121,7 +122,7 @@ def evaluate_accuracy(
         batch_size=batch_size,
         seed=seed,
     )
-    return sum(math_reward(c, p.answer) for c, p in zip(completions, problems)) / len(problems)
+    return sum(score_batch(completions, [p.answer for p in problems])) / len(problems)
 
 
 def evaluate_pass_at_k(
@@ -159,6 +160,6 @@ def evaluate_pass_at_k(
         batch_size=batch_size,
         seed=seed,
     )
-    solved = [any(math_reward(c, p.answer) for c in completions[i * k:(i + 1) * k])
-              for i, p in enumerate(problems)]
+    scores = score_batch(completions, [p.answer for p in problems for _ in range(k)])
+    solved = [any(scores[i * k:(i + 1) * k]) for i in range(len(problems))]
     return sum(solved) / len(problems)

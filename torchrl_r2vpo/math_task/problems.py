@@ -7,7 +7,8 @@ the multiset of its numbers and operators (``a + b`` and ``b + a``, ``a * b + c`
 ``b * a + c``), for word problems the text without the name. So, whatever the seed, no test
 question and no commuted or renamed twin of it is in the train split, and held-out accuracy
 measures facts the model was not trained on. :func:`load_hf_math` reads GSM8K or MATH with the
-``datasets`` package.
+``datasets`` package; their completions are best scored with
+:func:`~torchrl_r2vpo.math_task.math_verify_reward`.
 """
 
 from __future__ import annotations
@@ -195,10 +196,19 @@ def load_hf_math(name: Literal["gsm8k", "math"], split: str = "train") -> list[M
     ``####`` (difficulty 0: unrated); MATH answers are the last ``\\boxed{}`` of the
     solution and the difficulty is its level (1-5). MATH rows without one are skipped.
 
+    Score completions of these problems with
+    :func:`~torchrl_r2vpo.math_task.math_verify_reward` (or ``score_batch(...,
+    verifier="math-verify")``; ``pip install "torchrl_r2vpo[math-verify]"``): on GSM8K- and
+    MATH-style answers it agrees with hand labels more often than the builtin
+    :func:`~torchrl_r2vpo.math_task.math_reward` (sets, intervals, lists, matrices, units),
+    as ``benchmarks/verifier_compare.py`` measures; the generated arithmetic problems need
+    only the builtin stages.
+
     Example (with network access)::
 
         problems = load_hf_math("gsm8k", split="test")
         problems[0].answer  # '18'
+        math_verify_reward(r"... \\boxed{18}", problems[0].answer)  # 1.0
     """
     try:
         import datasets

@@ -9,46 +9,48 @@ equal expressions for sympy. The symbolic stage accepts numbers, single-letter
 variables, ``+ - * / ^ **``, unary signs, parentheses or braces, ``\\frac``,
 ``\\sqrt{}``, ``\\cdot``, ``\\times``, ``\\pi`` and implicit multiplication (``2x``);
 an unbraced exponent is a whole digit run (``2^10`` is 1024, as in plain text).
+:func:`math_reward` scores one completion, :func:`score_batch` many at once, and
+:func:`math_verify_reward` (or ``score_batch(..., verifier="math-verify")``) adds Hugging
+Face's ``math_verify`` as a last stage, for GSM8K and MATH.
 
 Safety: model text is never evaluated as code. No ``eval``/``exec`` and no
 ``sympify``/``parse_expr`` (which call ``eval``). Text is tokenised against a
 whitelist, parsed with :func:`ast.parse` and turned into sympy objects node by node;
 anything else is rejected (no match). Integer exponents are limited to
 ``|e| <= 16`` and numeric powers to 4096 bits. Inputs over 200 characters are not
-parsed symbolically, and the sympy step runs under a ``SIGALRM`` timer. Outside the
-main thread (or without ``SIGALRM``, e.g. on Windows) the symbolic stage is skipped,
-so only string and numeric matches count there. No public function raises on string input.
+parsed symbolically, and the sympy step stops after ``timeout`` seconds: under a
+``SIGALRM`` timer on the main thread, and elsewhere (other threads, platforms without
+``SIGALRM``, and every :func:`score_batch`) in worker processes of a
+:class:`~torchrl_r2vpo.math_task.VerifierPool`, each under its own timer and killed if
+it overruns. math-verify (whose number extraction calls sympy's ``parse_expr`` on
+digits and operators) runs only in those workers. No public function raises on string
+input, except for the documented errors of :func:`score_batch` and :func:`math_verify_reward`.
 """
 
 from __future__ import annotations
 
-import ast
-import operator
+import importlib.util
 import re
-import signal
-import sys
-import threading
-import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import TypeVar
+from typing import Literal
 
-import sympy
+from torchrl_r2vpo.math_task._symbolic import can_time_out_here, run_with_timeout, symbolic_equal
+from torchrl_r2vpo.math_task.verifier_pool import default_pool, VERIFIERS, VerifierPool, WorkerStartError
 
-__all__ = ["answers_match", "extract_answer", "math_reward", "normalize_answer"]
+__all__ = ["answers_match", "extract_answer", "math_reward", "math_verify_reward", "normalize_answer", "score_batch"]
 
-_T = TypeVar("_T")
 _MAX_SYMBOLIC_LEN = 200
-_MAX_EXPONENT = 16
-_MAX_POWER_BITS = 4096
 _BOX_TOKEN = re.compile(r"\\(?:boxed|fbox)\s*\{|\{|\}")
 _HASH_LINE = re.compile(r"^[ \t]*####[ \t]*(\S.*?)[ \t]*$", re.MULTILINE)
 _NUMBER = re.compile(
-    r"(?:(?<![\w)\]}])-)?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+|/[0-9]+)?"
+    r"(?:(?<![\w)\]}])-)?"
+    r"(?:(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+|/[0-9]+)?|(?<![\w.])\.[0-9]+)"
 )
+_UNIT_WORDS = re.compile(r"(.*[0-9])\s*[A-Za-z]{2,}(?: [A-Za-z]+)*")  # "60km", "3apples per box"
 _PLAIN = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:/[0-9]+)?")
 _FRAC = re.compile(r"([-+]?)\\frac(?:\{([^{}]+)\}|([0-9]))(?:\{([^{}]+)\}|([0-9]))")
-_TOKEN = re.compile(r"\s*(?:([0-9]+(?:\.[0-9]+)?)|([A-Za-z]+)|(\*\*|[-+*/()]))")
 _UNITS = re.compile(r"(?<=\S)\s*\\(?:text|mbox|mathrm)\{[^{}]*\}$")
 _UNWRAP = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
 _MAX_BRACKETS = 4  # levels of brackets around a number that are peeled
@@ -62,7 +64,7 @@ def extract_answer(text: str) -> str | None:
 
     Priority: the last closed ``\\boxed{}``/``\\fbox{}`` (nested braces allowed; an
     unclosed one does not count), the last ``#### answer`` line, the last
-    ``<answer>...</answer>`` tag, then the last number (``-3``, ``2.5``, ``1,234``, ``3/4``).
+    ``<answer>...</answer>`` tag, then the last number (``-3``, ``2.5``, ``.5``, ``1,234``, ``3/4``).
     The Unicode minus sign and figure and en dashes are read as ``-``.
 
     Examples:
@@ -150,9 +152,11 @@ def answers_match(prediction: str, reference: str, *, timeout: float = 1.0) -> b
 
     A numeric reference (``221``, ``-3/4``, ``\\frac{3}{4}``, ``0.5``) is matched only by
     a number of the same value: an expression that evaluates to it (``17 * 13``, the
-    question restated) is not an answer. Other references are compared symbolically.
-    Never raises; the symbolic stage is skipped outside the main thread (see module
-    docstring) and gives up after ``timeout`` seconds.
+    question restated) is not an answer. Other references are compared symbolically, for at
+    most ``timeout`` seconds: in this process on the main thread, in a worker process of the
+    shared :class:`~torchrl_r2vpo.math_task.VerifierPool` elsewhere (see the module
+    docstring). Never raises. To compare many answers, :func:`score_batch` runs the symbolic
+    comparisons in parallel.
 
     Examples:
         >>> answers_match("0.5", r"\\frac12"), answers_match("$1,000$", "1000")
@@ -165,18 +169,13 @@ def answers_match(prediction: str, reference: str, *, timeout: float = 1.0) -> b
         False
     """
     try:
-        pred, ref = normalize_answer(prediction), normalize_answer(reference)
-        if not pred or not ref:
-            return False
-        if pred == ref:
-            return True
-        pred_num, ref_num = _to_fraction(pred), _to_fraction(ref)
-        if ref_num is not None:  # a number is answered by a number, not by an expression
-            return pred_num == ref_num  # to evaluate (e.g. the question restated: 17 * 13)
-        if max(len(pred), len(ref)) > _MAX_SYMBOLIC_LEN:
-            return False
-        return bool(_run_with_timeout(lambda: _symbolic_equal(pred, ref), timeout))
-    except (Exception, _Timeout):  # noqa: BLE001 - any failure on untrusted text means "no match"
+        verdict = _fast_match(prediction, reference)
+        if isinstance(verdict, bool):
+            return verdict
+        if can_time_out_here():
+            return bool(run_with_timeout(lambda: symbolic_equal(*verdict), timeout))
+        return _in_workers([verdict], timeout, None)[0]
+    except Exception:  # noqa: BLE001 - any failure on untrusted text means "no match"
         return False
 
 
@@ -191,13 +190,157 @@ def math_reward(
         >>> math_reward(r"\\boxed{41}", "42", formatted=0.1), math_reward("I give up", "42")
         (0.1, 0.0)
     """
-    try:
-        answer = extract_answer(completion)
-    except Exception:  # noqa: BLE001
-        return 0.0
+    answer = _extract(completion)
     if answer is None:
         return 0.0
     return correct if answers_match(answer, reference, timeout=timeout) else formatted
+
+
+def score_batch(
+    completions: Sequence[str],
+    references: Sequence[str],
+    *,
+    correct: float = 1.0,
+    formatted: float = 0.0,
+    timeout: float = 1.0,
+    verifier: Literal["builtin", "math-verify"] = "builtin",
+    pool: VerifierPool | None = None,
+) -> list[float]:
+    """Rewards of many completions, with the slow comparisons run in parallel.
+
+    With ``verifier="builtin"`` the scores equal ``[math_reward(c, r, ...) for c, r in ...]``.
+    Extraction and the string and numeric stages run in this process (a numeric reference,
+    as in the arithmetic task and GSM8K, never needs more); the pairs that need the symbolic
+    stage go to the worker processes of ``pool`` (default: one shared per verifier), which
+    compare them in parallel, each for at most ``timeout`` seconds. So a batch costs about one
+    timeout however many of its completions are slow to compare, and works from any thread.
+
+    With ``verifier="math-verify"`` a completion is right when its extracted answer equals
+    the reference as a string or number (the in-process stages above), or else, unless that
+    answer is a plain number (an integer, decimal or fraction, which exact arithmetic has
+    already judged: ``0.3333333`` is not ``\\frac{1}{3}``, ``2.83`` is not ``2\\sqrt{2}``), when
+    Hugging Face's ``math_verify`` says so (``verify(parse("$reference$"), parse(completion))``,
+    in the workers, under the same timeout). It reads the sets, intervals, tuples, matrices,
+    mixed numbers, lists and scientific notation that the builtin stages do not; see
+    ``benchmarks/verifier_compare.py``. It needs ``pip install "torchrl_r2vpo[math-verify]"``.
+    ``formatted`` goes to a wrong completion whose answer :func:`extract_answer` finds.
+
+    Raises:
+        ValueError: the two sequences differ in length, or an unknown ``verifier``.
+        ImportError: ``verifier="math-verify"`` without the ``math-verify`` package.
+        RuntimeError: ``verifier="math-verify"`` and its worker processes cannot start.
+
+    Examples:
+        >>> completions = [r"\\boxed{\\frac12}", "#### 7", r"\\boxed{(x-1)(x+1)}", "no answer"]
+        >>> score_batch(completions, ["0.5", "8", "x^2-1", "1"], formatted=0.1)
+        [1.0, 0.1, 1.0, 0.0]
+    """
+    if len(completions) != len(references):
+        raise ValueError(f"{len(completions)} completions but {len(references)} references")
+    if verifier not in VERIFIERS:
+        raise ValueError(f"unknown verifier {verifier!r}; expected one of {VERIFIERS}")
+    if pool is not None and pool.verifier != verifier:
+        raise ValueError(f"the pool runs {pool.verifier!r}, not {verifier!r}")
+    if verifier == "math-verify" and importlib.util.find_spec("math_verify") is None:
+        raise ImportError('verifier="math-verify" needs the math-verify package: '
+                          'pip install "torchrl_r2vpo[math-verify]"')
+    scores = [0.0] * len(completions)
+    slow: dict[int, tuple[str, str]] = {}  # index -> the pair the workers compare
+    for i, (completion, reference) in enumerate(zip(completions, references)):
+        answer = _extract(completion)
+        try:
+            verdict = False if answer is None else _fast_match(answer, reference)
+        except Exception:  # noqa: BLE001
+            verdict = False
+        if verdict is True:
+            scores[i] = correct
+            continue
+        if answer is not None:
+            scores[i] = formatted
+        if verifier == "math-verify":
+            if isinstance(completion, str) and isinstance(reference, str) and not _is_number(answer):
+                slow[i] = (completion, reference)
+        elif isinstance(verdict, tuple):
+            slow[i] = verdict
+    if slow:
+        verdicts = _in_workers(list(slow.values()), timeout, pool, verifier)
+        for i, right in zip(slow, verdicts):
+            if right:
+                scores[i] = correct
+    return scores
+
+
+def math_verify_reward(
+    completion: str, reference: str, *, correct: float = 1.0, formatted: float = 0.0, timeout: float = 1.0
+) -> float:
+    """:func:`math_reward` with Hugging Face's ``math_verify`` as the last stage: the reward
+    for GSM8K and MATH (:func:`~torchrl_r2vpo.math_task.load_hf_math`), as
+    ``score_batch([completion], [reference], verifier="math-verify", ...)[0]``.
+
+    math-verify runs in a worker process, so this works from any thread; score a batch at
+    once with :func:`score_batch` to compare in parallel. Needs
+    ``pip install "torchrl_r2vpo[math-verify]"``.
+
+    Example (with math-verify installed)::
+
+        math_verify_reward(r"so the answer is \\boxed{\\{3, 2, 1\\}}", r"\\{1, 2, 3\\}")  # 1.0
+    """
+    return score_batch([completion], [reference], correct=correct, formatted=formatted, timeout=timeout,
+                       verifier="math-verify")[0]
+
+
+def _extract(completion: str) -> str | None:
+    try:
+        return extract_answer(completion)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _is_number(answer: str | None) -> bool:
+    try:
+        return answer is not None and _to_fraction(normalize_answer(answer)) is not None
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _fast_match(prediction: str, reference: str) -> bool | tuple[str, str]:
+    """The string and numeric stages of :func:`answers_match`: its verdict, or the
+    normalised pair when only the symbolic stage can decide."""
+    pred, ref = normalize_answer(prediction), normalize_answer(reference)
+    if not pred or not ref:
+        return False
+    if pred == ref:
+        return True
+    pred_num, ref_num = _to_fraction(pred), _to_fraction(ref)
+    if ref_num is not None:  # a number is answered by a number, not by an expression
+        if pred_num is None and (unit := _UNIT_WORDS.fullmatch(pred)):  # or by one with a unit
+            pred_num = _to_fraction(unit[1])
+        return pred_num == ref_num  # to evaluate (e.g. the question restated: 17 * 13)
+    if max(len(pred), len(ref)) > _MAX_SYMBOLIC_LEN:
+        return False
+    return pred, ref
+
+
+def _in_workers(
+    pairs: list[tuple[str, str]], timeout: float, pool: VerifierPool | None, verifier: str = "builtin"
+) -> list[bool]:
+    """``pool.compare``; where no worker can start, the builtin verifier warns once and
+    compares in this process (main thread) or not at all (other threads)."""
+    try:
+        return (pool or default_pool(verifier)).compare(pairs, timeout=timeout)
+    except WorkerStartError as err:
+        if verifier != "builtin":
+            raise
+        if not _WARNED:
+            _WARNED.append(True)
+            warnings.warn(f"{err}; the symbolic stage of the verifier runs in this process, and is "
+                          "skipped outside the main thread", RuntimeWarning, stacklevel=3)
+        if not can_time_out_here():
+            return [False] * len(pairs)
+        return [bool(run_with_timeout(lambda p=p: symbolic_equal(*p), timeout)) for p in pairs]
+
+
+_WARNED: list[bool] = []
 
 
 def _to_fraction(s: str) -> Fraction | None:
@@ -222,172 +365,3 @@ def _to_fraction(s: str) -> Fraction | None:
     except (ValueError, ZeroDivisionError):
         pass
     return None
-
-
-class _Timeout(BaseException):
-    """Raised by the SIGALRM handler of :func:`_run_with_timeout`; not an ``Exception``, so
-    that the ``except Exception`` of the code it interrupts does not catch it."""
-
-
-_RETRY_S = 0.05  # a timeout that was swallowed is raised again this much later
-
-
-def _run_with_timeout(fn: Callable[[], _T], timeout: float) -> _T | None:
-    """Runs ``fn`` under a SIGALRM timer; None on timeout or where no timer can be set.
-
-    An enclosing timer (e.g. pytest-timeout) is re-armed with its remaining time. A signal
-    handler that runs inside a finaliser (a ``__del__`` or a garbage-collector callback in the
-    middle of ``fn``) cannot raise out of it, so until ``fn`` has stopped the timeout is raised
-    again every ``_RETRY_S`` seconds; the one lost there is not reported as unraisable.
-    """
-    in_main = threading.current_thread() is threading.main_thread()
-    if not in_main or not hasattr(signal, "setitimer") or timeout <= 0:
-        return None
-    if signal.getsignal(signal.SIGALRM) is None:  # a handler set outside Python: leave it be
-        return None
-    outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
-    start = time.monotonic()
-    running = True
-
-    def _raise(signum: int, frame: object) -> None:
-        if running:
-            signal.setitimer(signal.ITIMER_REAL, _RETRY_S)
-            raise _Timeout
-
-    outer_hook = sys.unraisablehook
-
-    def _quiet(unraisable) -> None:  # a timeout lost in a finaliser is raised again, not lost
-        if not isinstance(unraisable.exc_value, _Timeout):
-            outer_hook(unraisable)
-
-    old_handler = signal.signal(signal.SIGALRM, _raise)
-    sys.unraisablehook = _quiet
-    try:
-        signal.setitimer(signal.ITIMER_REAL, min(timeout, outer_delay) if outer_delay > 0 else timeout)
-        try:
-            return fn()
-        finally:
-            running = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    except _Timeout:
-        return None
-    finally:
-        running = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_handler)
-        sys.unraisablehook = outer_hook
-        if outer_delay > 0:
-            left = max(outer_delay - (time.monotonic() - start), 1e-6)
-            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
-
-
-def _symbolic_equal(a: str, b: str) -> bool:
-    diff = _to_sympy(a) - _to_sympy(b)
-    if diff.has(sympy.zoo, sympy.nan, sympy.oo):
-        return False
-    return sympy.expand(diff) == 0 or sympy.simplify(diff) == 0
-
-
-def _to_sympy(text: str) -> sympy.Expr:
-    """Whitelisted LaTeX/ASCII math -> sympy, via tokens and ``ast`` (never ``eval``)."""
-    tokens = _tokenize(_latex_to_python(text))
-    return _build(ast.parse(" ".join(tokens), mode="eval").body)
-
-
-def _latex_to_python(s: str) -> str:
-    s = s.replace("\\cdot", "*").replace("\\times", "*").replace("\\pi", " pi ")
-    out, i = [], 0
-    while i < len(s):
-        if s.startswith("\\frac", i):
-            num, i = _latex_arg(s, i + 5)
-            den, i = _latex_arg(s, i)
-            out.append(f"(({_latex_to_python(num)})/({_latex_to_python(den)}))")
-        elif s.startswith("\\sqrt", i):
-            arg, i = _latex_arg(s, i + 5)
-            out.append(f" sqrt({_latex_to_python(arg)})")
-        elif s[i] == "^":  # a digit run is one exponent: 2^10 is 1024, as in plain text
-            digits = re.match(r" *([0-9]+)", s[i + 1 :])
-            arg, i = (digits[1], i + 1 + digits.end()) if digits else _latex_arg(s, i + 1)
-            out.append(f"**({_latex_to_python(arg)})")
-        elif s[i] == "\\":
-            raise ValueError("unsupported LaTeX command")
-        else:
-            out.append({"{": "(", "}": ")"}.get(s[i], s[i]))
-            i += 1
-    return "".join(out)
-
-
-def _latex_arg(s: str, i: int) -> tuple[str, int]:
-    """The braced group or single character at ``s[i:]`` and the index after it."""
-    while i < len(s) and s[i] == " ":
-        i += 1
-    if i >= len(s) or s[i] in "\\}[":
-        raise ValueError("missing LaTeX argument")
-    if s[i] != "{":
-        return s[i], i + 1
-    depth = 0
-    for j in range(i, len(s)):
-        depth += {"{": 1, "}": -1}.get(s[j], 0)
-        if depth == 0:
-            return s[i + 1 : j], j + 1
-    raise ValueError("unbalanced braces")
-
-
-def _tokenize(s: str) -> list[str]:
-    """Whitelisted tokens with explicit ``*`` for implicit products; decimals -> ratios."""
-    tokens, pos = [], 0
-    for match in _TOKEN.finditer(s):
-        if match.start() != pos:
-            raise ValueError("unexpected character")
-        pos = match.end()
-        number, word, op = match.groups()
-        if word is not None and word not in ("pi", "sqrt") and len(word) > 2:
-            raise ValueError("words are not math")
-        parts = [word] if word in ("pi", "sqrt") else list(word or "") or [number or op]
-        for part in parts:
-            ends_operand = tokens and (tokens[-1] == ")" or tokens[-1][0].isalnum())
-            if ends_operand and tokens[-1] != "sqrt" and (part == "(" or part[0].isalnum()):
-                if tokens[-1][0].isdigit() and part[0].isdigit():
-                    raise ValueError("two adjacent numbers")
-                tokens.append("*")
-            tokens.append(part)
-    if s[pos:].strip():
-        raise ValueError("unexpected character")
-    return [_decimal_to_ratio(t) if "." in t else t for t in tokens]
-
-
-def _decimal_to_ratio(token: str) -> str:
-    whole, frac = token.split(".")
-    return f"({int(whole + frac)}/{10 ** len(frac)})"
-
-
-_BIN_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-
-def _build(node: ast.AST) -> sympy.Expr:
-    """Sympy expression from a whitelisted AST node; ValueError for anything else."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return sympy.Integer(node.value)
-    if isinstance(node, ast.Name) and (len(node.id) == 1 or node.id == "pi"):
-        return sympy.pi if node.id == "pi" else sympy.Symbol(node.id)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        operand = _build(node.operand)
-        return -operand if isinstance(node.op, ast.USub) else operand
-    if isinstance(node, ast.BinOp) and type(node.op) in _BIN_OPS:
-        return _BIN_OPS[type(node.op)](_build(node.left), _build(node.right))
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-        return _power(_build(node.left), _build(node.right))
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "sqrt":
-        if len(node.args) == 1 and not node.keywords:
-            return sympy.sqrt(_build(node.args[0]))
-    raise ValueError(f"disallowed syntax: {type(node).__name__}")
-
-
-def _power(base: sympy.Expr, exponent: sympy.Expr) -> sympy.Expr:
-    if not exponent.is_Integer or abs(int(exponent)) > _MAX_EXPONENT:
-        raise ValueError("exponent must be a small integer")
-    if base.is_Rational:
-        bits = max(int(base.p).bit_length(), int(base.q).bit_length())
-        if bits * abs(int(exponent)) > _MAX_POWER_BITS:
-            raise ValueError("power too large")
-    return base ** exponent

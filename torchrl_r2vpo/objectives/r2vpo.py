@@ -28,13 +28,19 @@ from torchrl_r2vpo.objectives.proximal import (
 )
 from torchrl_r2vpo.objectives.ratio_variance import (
     at_least_float32,
+    check_loss_input,
     LagrangianMixin,
     masked_mean,
+    nan_without_valid,
     RatioStats,
     reject_unknown_kwargs,
 )
 
 __all__ = ["R2VPOLoss"]
+
+# the statistics over the valid positions: NaN when there is none
+_STATISTICS = ("ratio_var", "kl_approx", "ESS", "clip_fraction", "mean_ratio", "max_ratio",
+               "entropy", "explained_variance", "value_clip_fraction")
 
 
 class R2VPOLoss(LagrangianMixin, PPOLoss):
@@ -120,10 +126,14 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         diagnostic_clip_epsilon (float, optional): the band ``[1 - eps, 1 + eps]``
             used only for the ``clip_fraction`` diagnostic (the share of samples
             PPO would have clipped). Defaults to ``0.2``.
-        check_finite (bool, optional): raise on non-finite log-probabilities,
-            ratios or advantages at valid positions. Costs one host-device
-            synchronisation per call; it is skipped under ``torch.compile``,
-            and can be disabled for CUDA-graph loops. Defaults to ``True``.
+        check_finite (bool, optional): raise a ``ValueError`` naming the input
+            when a log-probability (stored behaviour or proximal, or the current
+            one of the stored action: NaN, ``-inf`` or ``+inf``), a ratio or an
+            advantage is not finite at a valid position, or when the
+            ``lagrange_multiplier`` buffer is out of bounds (see below). Costs
+            one host-device synchronisation per call; it is skipped under
+            ``torch.compile``, and can be disabled for CUDA-graph loops.
+            Defaults to ``True``.
         ratio (str, optional): ``"proximal"`` (decoupled, when the input holds
             the proximal log-probabilities) or ``"behaviour"``. Defaults to
             ``"proximal"``.
@@ -166,11 +176,28 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
     ``max_ratio``, ``entropy`` and, with a critic, ``explained_variance`` (one
     scalar). All statistics, and the advantage
     normalisation, are taken over the valid positions selected by
-    :attr:`~torchrl.objectives.LossModule.loss_mask_key`; with no valid position
-    ``ratio_var`` is NaN, which the scheduler skips. Padding may hold anything
-    in the stored entries (log-probabilities, advantages, value targets), but the
-    networks' inputs there must be finite, as TorchRL's collectors pad them (zeros):
-    a NaN observation gives NaN gradients through the networks even at weight 0.
+    :attr:`~torchrl.objectives.LossModule.loss_mask_key`. With no valid position
+    every ``loss_*`` term is 0 and every statistic (all the diagnostics but
+    ``lagrange_multiplier``) is NaN; the scheduler skips a NaN ``ratio_var``. Padding
+    may hold anything in the stored entries (log-probabilities, advantages, value
+    targets), but the networks' inputs there must be finite, as TorchRL's collectors
+    pad them (zeros): a NaN observation gives NaN gradients through the networks even
+    at weight 0.
+
+    **Bad input.** A sample whose stored log-probability is not finite is an error
+    (with ``check_finite``), not left out: in control it marks a broken collector or
+    actor, and leaving it out would bias the batch statistics.
+    :class:`~torchrl_r2vpo.R2VPOLLMLoss` follows TorchRL's GRPOLoss instead: it leaves
+    such tokens out with a warning, and raises a ``ValueError`` only when none is left. An
+    empty batch, a missing entry (the action, its log-probability, the actor's inputs,
+    or what the value estimator reads when the advantage is absent) and a validity mask
+    that is not boolean raise an error naming the entry (and its ``tensor_keys`` field,
+    where it has one; checked from metadata, skipped under ``torch.compile``).
+
+    ``lambda`` is read within its bounds (NaN and values below 0 as 0): assignment
+    (``loss.lagrange_multiplier = value``) validates it, and a value written into the
+    buffer in place (``fill_``) that is out of bounds is never used as it is, and raises
+    a ``ValueError`` with ``check_finite``.
 
     Each call also records ``ratio_var`` in the ``last_ratio_var`` buffer, which a
     scheduler stepped without argument reads, and the count, sum and sum of squares
@@ -317,52 +344,44 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         mask: torch.Tensor | None,
         proximal: torch.Tensor | None = None,
     ) -> None:
-        """Raises a ``ValueError`` naming the input that made ``ratios`` (the proximal and
-        behaviour ratios, stacked) or the advantage non-finite at valid positions;
-        ``proximal`` is the stored proximal log-probability, if read."""
+        """Raises a ``ValueError`` naming what is not finite at valid positions: the
+        advantage, the stored behaviour or proximal log-probability (``proximal``, if
+        read), the current one (through ``log_weight``), or ``ratios`` (the proximal and
+        behaviour ratios, stacked); or the multiplier out of bounds. One host
+        synchronisation."""
         def finite(value):
             valid = torch.isfinite(value)
             return (valid if mask is None else valid | ~mask).all()
 
-        def all_finite(value):
-            return bool(finite(value))
-
-        # the advantage may have more columns than the ratio (several reward heads)
-        if bool(finite(ratios) & finite(advantage)):
-            return  # one host sync when all is well
-        if not all_finite(advantage):
-            raise ValueError(
-                f"The advantage (key {self.tensor_keys.advantage!r}) holds NaN or inf "
-                "at valid positions. When the loss computes it, check the reward "
-                f"(key {self.tensor_keys.reward!r}) and the critic's values."
-            )
-        key = self.tensor_keys.sample_log_prob
-        stored = maybe_get_or_select(tensordict, key, log_weight.shape[:-1])
+        keys = self.tensor_keys
+        stored = maybe_get_or_select(tensordict, keys.sample_log_prob, log_weight.shape[:-1])
         if is_tensor_collection(stored):
             stored = sum_td_features(stored)
-        if not all_finite(stored.reshape(log_weight.shape)):
-            raise ValueError(
-                f"The behaviour log-probability (key {key!r}) holds NaN or inf at "
-                "valid positions."
-            )
-        if proximal is not None and not all_finite(proximal):
-            raise ValueError(
-                "The proximal log-probability (key "
-                f"{self.tensor_keys.proximal_log_prob!r}) holds NaN or inf at valid "
-                "positions."
-            )
-        if not all_finite(log_weight):
-            raise ValueError(
-                "The current policy's log-probability of the stored action (key "
-                f"{self.tensor_keys.action!r}) is NaN or inf at valid positions: "
-                "the action may lie outside the distribution's support, or the "
-                "policy parameters may have diverged."
-            )
-        raise ValueError(
-            "The importance ratio overflowed at valid positions: the policy is "
-            "extremely far from the one that collected the data (stale data, or "
-            "too large a step)."
-        )
+        # the advantage may have more columns than the ratio (several reward heads)
+        checks = [
+            (advantage, f"The advantage (key {keys.advantage!r}) holds NaN or inf at valid "
+                        "positions. When the loss computes it, check the reward (key "
+                        f"{keys.reward!r}) and the critic's values."),
+            (stored.reshape(log_weight.shape), "The behaviour log-probability (key "
+                                               f"{keys.sample_log_prob!r}) holds NaN or inf "
+                                               "at valid positions."),
+            (proximal, f"The proximal log-probability (key {keys.proximal_log_prob!r}) holds "
+                       "NaN or inf at valid positions."),
+            (log_weight, "The current policy's log-probability of the stored action (key "
+                         f"{keys.action!r}) is NaN or inf at valid positions: the action may "
+                         "lie outside the distribution's support, or the policy parameters "
+                         "may have diverged."),
+            (ratios, "The importance ratio overflowed at valid positions: the policy is "
+                     "extremely far from the one that collected the data (stale data, or "
+                     "too large a step)."),
+        ]
+        checks = [(value, message) for value, message in checks if value is not None]
+        *finite_ok, multiplier_ok = torch.stack(
+            [finite(value) for value, _ in checks] + [self._multiplier_in_bounds()]).tolist()
+        for ok, (_, message) in zip(finite_ok, checks):
+            if not ok:
+                raise ValueError(message)
+        self._check_multiplier(multiplier_ok)
 
     def _decoupled_log_weight(
         self,
@@ -433,8 +452,23 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
 
         return 1.0 - variance(target - value) / (variance(target) + torch.finfo(target.dtype).eps)
 
+    def _raise_if_missing(self, tensordict: TensorDictBase, in_keys, why: str, error) -> None:
+        """After ``error`` in a module reading ``in_keys``: raises a ``KeyError`` naming
+        the ones missing from ``tensordict`` and ``why`` they are needed, if any are
+        missing (else returns)."""
+        missing = [key for key in in_keys if key not in tensordict]
+        if missing:
+            raise KeyError(
+                f"{type(self).__name__}: {missing} missing from the input; {why}"
+            ) from error
+
     @dispatch
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        if not is_dynamo_compiling():
+            check_loss_input(self, tensordict, {
+                "action": "the stored action",
+                "sample_log_prob": "the behaviour policy's log-probability of the action",
+            })
         tensordict = tensordict.clone(False)
         advantage = tensordict.get(
             self.tensor_keys.advantage, None, as_padded_tensor=True
@@ -447,19 +481,33 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
                     "and there is no critic to compute it: pass a critic_network "
                     "or precompute the advantage."
                 )
-            self.value_estimator(
-                tensordict,
-                params=self._cached_critic_network_params_detached,
-                target_params=self.target_critic_network_params,
-            )
+            try:
+                self.value_estimator(
+                    tensordict,
+                    params=self._cached_critic_network_params_detached,
+                    target_params=self.target_critic_network_params,
+                )
+            except Exception as error:
+                self._raise_if_missing(
+                    tensordict, self.value_estimator.in_keys, "the advantage "
+                    f"(tensor_keys.advantage {self.tensor_keys.advantage!r}) is missing too, "
+                    "and the value estimator computes it from them: add them, or "
+                    "precompute the advantage.", error)
+                raise
             advantage = tensordict.get(self.tensor_keys.advantage)
         advantage = maybe_normalize_advantage(
             self, advantage, tensordict, update_norm=update_norm
         )
 
-        log_weight, dist, kl_approx, log_is_weight = ppo_log_weight(
-            self, tensordict, adv_shape=advantage.shape[:-1]
-        )
+        try:
+            log_weight, dist, kl_approx, log_is_weight = ppo_log_weight(
+                self, tensordict, adv_shape=advantage.shape[:-1]
+            )
+        except Exception as error:
+            self._raise_if_missing(
+                tensordict, self.actor_network.in_keys, "the actor reads them to score the "
+                f"stored action (tensor_keys.action {self.tensor_keys.action!r}).", error)
+            raise
         # the ratio and its variance in float32 at least (bfloat16 ratios skew
         # ratio_var, which the dual ascent reads)
         log_weight = at_least_float32(log_weight)
@@ -506,7 +554,7 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         td_out = TensorDict(
             {
                 "loss_objective": -behaviour_ratio * advantage,
-                "loss_ratio_var": self.lagrange_multiplier * sq_dev,
+                "loss_ratio_var": self._multiplier() * sq_dev,
             }
         )
         with torch.no_grad():
@@ -515,7 +563,7 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
                 ratio_var = torch.where(mask.any(), ratio_var, float("nan"))
             self._record_ratio_stats(ratio_var, RatioStats.of(ratio, mask, var_weight))
             td_out.set("ratio_var", ratio_var)
-            td_out.set("lagrange_multiplier", self.lagrange_multiplier.detach().clone())
+            td_out.set("lagrange_multiplier", self._multiplier().detach())
             td_out.set("kl_approx", masked_mean(kl_approx.detach(), mask))
             td_out.update(self._ratio_diagnostics(log_weight.detach(), mask))
 
@@ -541,6 +589,8 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
                 td_out.set("value_clip_fraction", value_clip_fraction)
             if explained_variance is not None:  # over the valid positions, as the others
                 td_out.set("explained_variance", self._explained_variance(tensordict))
+        if mask is not None:
+            nan_without_valid(td_out, mask.any(), _STATISTICS)
         td_out = td_out.named_apply(
             lambda name, value: reduce_loss(self, value, tensordict).squeeze(-1)
             if name.startswith("loss_")

@@ -8,7 +8,7 @@
 * :class:`LagrangianLoss`: the protocol :class:`~torchrl_r2vpo.DualVariableScheduler`
   reads a loss through;
 * the small numerical pieces the losses share (:func:`masked_mean`,
-  :func:`squared_deviation`, argument checks).
+  :func:`squared_deviation`, argument and input checks).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from collections.abc import Iterable
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
-from tensordict import TensorDict
-from tensordict.utils import expand_as_right
+from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import expand_as_right, NestedKey
+from torchrl.objectives.common import AUTO_LOSS_MASK_KEYS
 
 __all__ = [
     "LagrangianLoss",
@@ -27,10 +28,13 @@ __all__ = [
     "RatioStats",
     "VARIANCE_CENTERS",
     "at_least_float32",
+    "check_bool_mask",
+    "check_loss_input",
     "check_non_negative",
     "check_variance_center",
     "masked_mean",
     "merge_ratio_stats",
+    "nan_without_valid",
     "reject_unknown_kwargs",
     "squared_deviation",
 ]
@@ -274,7 +278,9 @@ class LagrangianMixin:
 
     Placed before the :class:`~torchrl.objectives.LossModule` in the bases; the subclass
     calls :meth:`_check_dual_arguments` before and :meth:`_register_dual_buffers` after
-    ``LossModule.__init__``, and :meth:`_record_ratio_stats` in ``forward``.
+    ``LossModule.__init__``; in ``forward`` it reads lambda through :meth:`_multiplier`
+    (validated by :meth:`_check_multiplier` when it checks its input) and calls
+    :meth:`_record_ratio_stats`.
     """
 
     _schedulable_buffers = frozenset(_NON_NEGATIVE_COEFFS)
@@ -337,6 +343,31 @@ class LagrangianMixin:
             elif name == "last_ratio_sums" and after.dtype != before.dtype:  # sums stay float64
                 self._buffers[name] = before.to(after.device)
         return module
+
+    def _multiplier(self) -> torch.Tensor:
+        """``lambda`` as ``forward`` uses it: the buffer read within its bounds, NaN as 0,
+        below 0 as 0, ``+inf`` as the largest finite value (no host synchronisation).
+
+        An in-place write such as ``loss.lagrange_multiplier.fill_(-5.0)`` bypasses the
+        check on assignment; it is then never used out of bounds, and
+        :meth:`_check_multiplier` reports it."""
+        return torch.nan_to_num(self.lagrange_multiplier, nan=0.0).clamp_min(0)
+
+    def _multiplier_in_bounds(self) -> torch.Tensor:
+        """A boolean scalar tensor: whether the ``lagrange_multiplier`` buffer is a finite
+        number ``>= 0`` (no host synchronisation)."""
+        lam = self.lagrange_multiplier
+        return (torch.isfinite(lam) & (lam >= 0)).all()
+
+    def _check_multiplier(self, in_bounds: bool) -> None:
+        """Raises a ``ValueError`` unless ``in_bounds`` (:meth:`_multiplier_in_bounds`)."""
+        if not in_bounds:
+            raise ValueError(
+                f"lagrange_multiplier is {self.lagrange_multiplier.item()}; it must be a finite "
+                "number >= 0. An in-place write (e.g. loss.lagrange_multiplier.fill_(...)) "
+                "bypasses the check on assignment: assign it instead "
+                "(loss.lagrange_multiplier = value)."
+            )
 
     @torch.no_grad()
     def _record_ratio_stats(self, ratio_var: torch.Tensor, stats: RatioStats) -> None:
@@ -432,3 +463,56 @@ def reject_unknown_kwargs(name: str, base: type, kwargs: dict) -> None:
     unknown = sorted(key for key in kwargs if key not in known)
     if unknown:
         raise TypeError(f"{name} got unexpected keyword argument(s): {', '.join(unknown)}.")
+
+
+def nan_without_valid(values: Any, any_valid: torch.Tensor, keys: Iterable[str]) -> None:
+    """Sets each of the statistics ``keys`` present in ``values`` (a TensorDict or a loss
+    output TensorClass) to NaN where ``any_valid`` is ``False``, in place: with no valid
+    position there is no statistic. No host synchronisation."""
+    for key in keys:
+        value = values.get(key, None)
+        if value is not None:
+            values.set(key, torch.where(any_valid, value, float("nan")))
+
+
+def check_bool_mask(loss: Any, tensordict: TensorDictBase, key: NestedKey, what: str) -> None:
+    """Raises a ``TypeError`` if the entry ``key`` of ``tensordict`` (``what``, for the
+    message) is present and not a boolean tensor."""
+    mask = tensordict.get(key, None)
+    if isinstance(mask, torch.Tensor) and mask.dtype != torch.bool:
+        raise TypeError(
+            f"{type(loss).__name__}: {what} {key!r} must be a bool tensor, got {mask.dtype}; "
+            "convert it with .bool()."
+        )
+
+
+def check_loss_input(loss: Any, tensordict: TensorDictBase, required: dict[str, str]) -> None:
+    """Raises a clear error for an input ``loss`` cannot read, from metadata alone (no host
+    synchronisation).
+
+    * an empty batch: ``ValueError``;
+    * a missing entry: ``KeyError`` naming it and its ``tensor_keys`` field; ``required``
+      maps each field the loss needs to what that entry holds;
+    * a validity mask (an entry the loss's ``loss_mask_key`` selects, e.g.
+      ``("collector", "mask")``) that is not boolean: ``TypeError``.
+    """
+    name = type(loss).__name__
+    if tensordict.batch_size.numel() == 0:
+        raise ValueError(
+            f"{name} got an empty batch (batch size {tuple(tensordict.batch_size)}): there is "
+            "no sample to compute a loss on."
+        )
+    for field, expected in required.items():
+        keys = getattr(loss.tensor_keys, field)
+        for key in keys if isinstance(keys, list) else [keys]:
+            if key not in tensordict:
+                raise KeyError(
+                    f"{name} needs {key!r} in its input (tensor_keys.{field}: {expected})."
+                )
+    mask_key = loss.loss_mask_key
+    if mask_key == "auto":
+        mask_keys = AUTO_LOSS_MASK_KEYS
+    else:
+        mask_keys = () if mask_key is None else (mask_key,)
+    for key in mask_keys:
+        check_bool_mask(loss, tensordict, key, "the validity mask (loss_mask_key)")

@@ -109,13 +109,15 @@ class ControlConfig:
     loss: Literal["r2vpo", "ppo"] = "r2vpo"
     """R2VPOLoss, or TorchRL's ClipPPOLoss on the same networks and data"""
     frames: Count = 500_000
-    """environment frames to train for"""
+    """environment frames to train for; --lr anneals to 0 there, and a --resume with another
+    --frames anneals it from its value at the checkpoint to 0 at the new --frames (a run
+    whose learning rate reached 0 cannot be extended)"""
     seed: NonNegativeInt = 0
     """seed of the networks, the environments and the evaluations"""
     device: str = "cpu"
     """where the networks and updates run: cpu, or cuda for playground: environments"""
     compile: bool = False
-    """torch.compile the update step (loss, backward, clipping, Adam); CUDA graphs on cuda"""
+    """torch.compile the update step (loss, backward, clipping); CUDA graphs on cuda"""
     num_envs: Count = 16
     """environments stepped together, per worker"""
     num_workers: Count = 2
@@ -129,7 +131,7 @@ class ControlConfig:
     epochs: Count = 10
     """passes over the stored batches per iteration"""
     lr: Positive = 3e-4
-    """Adam's learning rate, annealed linearly to 0 over --frames"""
+    """Adam's learning rate, annealed linearly to 0 over --frames (see --frames for --resume)"""
     gamma: Fraction = 0.99
     """discount factor"""
     gae_lambda: Fraction = 0.95
@@ -170,7 +172,7 @@ class ControlConfig:
     checkpoint_every: Count = 50_000
     """frames between checkpoints (also written at the end and on Ctrl-C or SIGTERM)"""
     time_limit: Coefficient = 0.0
-    """stop after this many seconds of training (0: no limit)"""
+    """stop after this many seconds of training in this process (0: no limit)"""
     logger: Logger = "csv"
     """TorchRL logger of the scalars, under --out/logs"""
     out: str = "runs/dmc_walker"
@@ -237,7 +239,8 @@ class LLMConfig:
     loss: LLMLoss = "r2vpo"
     """R2VPOLLMLoss, or a baseline with the same data path"""
     rollouts: Count = 32768
-    """completions sampled over the run (the budget compared across losses)"""
+    """completions sampled over the run (the budget compared across losses); a --resume may
+    change it (the learning rate is constant)"""
     seed: NonNegativeInt = 0
     """seed of the training problems, the sampling and the minibatches"""
     difficulty: str = ""

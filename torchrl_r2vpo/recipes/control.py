@@ -51,7 +51,7 @@ __all__ = ["CURVE_FIELDS", "EVAL_SEED", "RAY_WORKER", "action_log_probs", "episo
 # the columns of curve.csv, one row per collected batch
 CURVE_FIELDS = ["frames", "time_s", "fps", "update_s", "train_return", "eval_return",
                 "lagrange_multiplier", "ratio_var", "ESS", "clip_fraction", "kl_approx", "entropy",
-                "loss_objective", "loss_critic", "physics_errors"]
+                "loss_objective", "loss_critic", "physics_errors", "lr", "skipped_steps"]
 
 # resources of one Ray collector actor: it steps CPU simulators
 RAY_WORKER = {"num_cpus": 1, "num_gpus": 0}
@@ -134,7 +134,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Loads a checkpoint's optimiser state but keeps this optimiser's kind of step (its
     learning rate, a tensor or not, and ``capturable``): the checkpoint's run may have
-    compiled or not. The learning rate is annealed from the frame count anyway."""
+    compiled or not. The learning rate is set from the run's schedule anyway."""
     state = {**state, "param_groups": [
         {**saved, "lr": group["lr"], "capturable": group["capturable"]}
         for saved, group in zip(state["param_groups"], optimizer.param_groups)]}

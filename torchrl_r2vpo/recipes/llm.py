@@ -45,7 +45,7 @@ __all__ = ["CURVE_FIELDS", "LaggedPolicy", "STALENESS_CSV_FIELDS", "TEST_SEED", 
 # the columns of curve.csv, one row per iteration
 CURVE_FIELDS = ["rollouts", "time_s", "tokens_per_s", "train_reward", "test_accuracy", "test_greedy",
                 "lagrange_multiplier", "ratio_var", "ESS", "clip_fraction", "kl_approx",
-                "loss_objective", "kl_to_ref", "grad_norm"]
+                "loss_objective", "kl_to_ref", "grad_norm", "skipped_steps"]
 # the columns of staleness.csv, one row per iteration and data age (data.staleness)
 STALENESS_CSV_FIELDS = ["rollouts", "age", *STALENESS_FIELDS]
 

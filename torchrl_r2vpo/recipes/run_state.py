@@ -1,9 +1,18 @@
-"""Run state: stop a run and continue it exactly.
+"""Run state: stop a run and continue it.
 
 A checkpoint is written atomically; it holds every random generator's state; a Ctrl-C
 or SIGTERM never falls between a step's curve row, logs and snapshot; on ``--resume``
 the learning curve is cut back to the checkpoint's step and the run's settings are
 checked against the checkpoint's, except those a resumed run may change.
+
+What a resume restores is what the examples put in the checkpoint: the loss (networks,
+normaliser, lambda), optimiser, dual scheduler, stored batches, generators, learning-rate
+schedule (:class:`LinearDecay`) and elapsed time (``time_s`` of the curve counts on), and
+for the LLM example its environment's problem order and the lagged sampler's weights: a
+resumed LLM run (transformers backend) continues exactly as the uninterrupted one. A
+simulator's state is not saved (TorchRL's collectors do not save it): a resumed control
+run's environments start new episodes, seeded by the policy version, so resuming a
+checkpoint is repeatable but differs from the uninterrupted run from that step on.
 
 A checkpoint cannot lie: it is sealed with the SHA-256 of its bytes, holds only tensors,
 numbers, strings and dicts, lists and tuples of them (loaded with ``weights_only=True``,
@@ -55,7 +64,7 @@ import numpy as np
 import torch
 from torchrl.record.loggers import get_logger, Logger
 
-__all__ = ["CheckpointError", "Schedule", "append_row", "check_resumable", "curve_row",
+__all__ = ["CheckpointError", "LinearDecay", "Schedule", "append_row", "check_resumable", "curve_row",
            "interrupts_deferred", "load_checkpoint", "log_row", "make_logger", "open_run_dir",
            "read_checkpoint", "read_curve", "rng_state", "save_checkpoint", "seed_everything",
            "set_rng_state", "snapshot", "stop_on_sigterm", "truncate_curve"]
@@ -456,6 +465,52 @@ def make_logger(cfg, out: Path, experiment_name: str, state_dict: dict | None = 
     except ImportError as err:
         raise SystemExit(f"--logger {cfg.logger} needs its package: pip install {cfg.logger} "
                          f"({err})") from err
+
+
+@dataclasses.dataclass
+class LinearDecay:
+    """A value annealed linearly from ``value`` at step ``start`` to 0 at step ``end`` (and 0
+    after): a learning rate annealed over a run's budget.
+
+    A checkpoint holds it (:meth:`state_dict`) and a resumed run continues it with
+    :meth:`resumed`: the same schedule for the same budget, and for another ``end`` its value
+    at the checkpoint's step annealed to 0 at the new ``end``: a longer budget extends the
+    schedule where it was, without a jump.
+
+    Examples:
+        >>> lr = LinearDecay(value=3e-4, start=0, end=1000)
+        >>> lr(0), lr(500), lr(1000)
+        (0.0003, 0.00015, 0.0)
+        >>> longer = LinearDecay(**lr.state_dict()).resumed(step=500, end=2000)
+        >>> longer(500), longer(1250), longer(2000)
+        (0.00015, 7.5e-05, 0.0)
+    """
+
+    value: float
+    start: int
+    end: int
+
+    def __call__(self, step: int) -> float:
+        return max(0.0, self.value * (1 - (step - self.start) / (self.end - self.start)))
+
+    def resumed(self, step: int, end: int, flag: str = "--frames") -> LinearDecay:
+        """The schedule of a run resumed at ``step`` with the budget ``end`` (``flag``).
+
+        Raises:
+            ValueError: naming ``flag``, for a longer budget after the schedule reached 0
+                (the resumed run would not learn).
+        """
+        if end == self.end or step >= end:  # the same schedule, or nothing left to train
+            return self
+        value = self(step)
+        if value <= 0:
+            raise ValueError(f"--resume with {flag} {end}: the checkpoint's learning rate was "
+                             f"annealed to 0 at {self.end} (its {flag}), and a resumed run "
+                             "continues that schedule: it would not learn; start a new run")
+        return LinearDecay(value, step, end)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 class Schedule:

@@ -10,6 +10,7 @@ full-batch gradient.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -23,12 +24,18 @@ from torchrl_r2vpo._compat import (
     CURRENT_LOG_PROB_KEY,
     grpo_log_weight,
     input_validity_mask,
+    is_dynamo_compiling,
     reduce_loss,
 )
 from torchrl_r2vpo.data.llm import (ASSISTANT_MASK_KEY, ATTENTION_MASK_KEY, PROMPT_TOKENS_KEY,
                                     PROXIMAL_LOG_PROBS_KEY)
 from torchrl_r2vpo.objectives.proximal import behaviour_log_weight
-from torchrl_r2vpo.objectives.ratio_variance import reject_unknown_kwargs
+from torchrl_r2vpo.objectives.ratio_variance import (
+    check_bool_mask,
+    check_loss_input,
+    nan_without_valid,
+    reject_unknown_kwargs,
+)
 
 __all__ = ["AGGREGATIONS", "GradientAccumulationMixin", "MASKING_STRATEGIES"]
 
@@ -36,6 +43,9 @@ AGGREGATIONS = ("token_mean", "prompt_mean", "none")
 """GRPOLoss's ``aggregation`` values."""
 MASKING_STRATEGIES = ("sft", "rlhf", "generic")
 """GRPOLoss's ``masking_strategy`` values."""
+# the statistics over the valid tokens: NaN when there is none
+_STATISTICS = ("clip_fraction", "kl_approx", "ESS", "entropy", "kl_to_ref", "kl_to_inference",
+               "ratio_var", "mean_ratio", "max_ratio")
 # the entries TorchRL's LLM wrappers read and write (pad_output=True layout)
 
 
@@ -71,7 +81,22 @@ class GradientAccumulationMixin:
     * the KL terms (``kl_to_ref_coeff``, ``kl_to_inference_coeff``) are
       aggregated over the valid tokens as the objective is, not averaged over
       every padded position as GRPOLoss does;
-    * unknown keyword arguments raise a ``TypeError`` instead of being ignored.
+    * unknown keyword arguments raise a ``TypeError`` instead of being ignored;
+    * with no valid token every ``loss_*`` term is 0 and every statistic over the
+      valid tokens (``clip_fraction``, ``kl_approx``, ``ESS``, ``entropy``, the KL
+      diagnostics, and R2VPO's ``ratio_var``, ``mean_ratio``, ``max_ratio``) is NaN;
+      the counts and sums (``num_tokens``, ``ratio_sum``, ...) are 0;
+    * bad input raises an error naming the entry and its ``tensor_keys`` field: an
+      empty batch, a missing action, advantage or behaviour log-probability (or the
+      masking strategy's mask), a validity mask or an ``("masks",
+      "all_assistant_mask")`` that is not boolean (metadata checks, skipped under
+      ``torch.compile``);
+    * tokens whose stored behaviour log-probability is not finite are left out, as
+      GRPOLoss does, with a warning giving their share, and a ``ValueError`` when no
+      token is left (one host synchronisation per call, skipped under
+      ``torch.compile`` and, for :class:`~torchrl_r2vpo.R2VPOLLMLoss`, with
+      ``check_finite=False``). :class:`~torchrl_r2vpo.R2VPOLoss` raises on any such
+      sample instead.
 
     It also gives every loss the ``proximal_log_prob`` tensor key (default
     ``("proximal_log_probs", "full")``), which a *decoupled* loss
@@ -94,6 +119,8 @@ class GradientAccumulationMixin:
         proximal_log_prob: NestedKey = PROXIMAL_LOG_PROBS_KEY
 
     _accumulation: _FullBatchNormalizers | None = None
+    # the input checks that cost a host synchronisation (R2VPOLLMLoss's argument)
+    check_finite: bool = True
     # a decoupled loss takes the ratio against the proximal policy when the input has it
     decoupled: bool = False
     max_behaviour_weight: float | None = None
@@ -227,6 +254,22 @@ class GradientAccumulationMixin:
         as :meth:`~torchrl.objectives.llm.GRPOLoss._log_weight` does.
         """
 
+        log_prob = self._behaviour_log_prob(tensordict)
+        return self._drop_invalid_samples(
+            tensordict, self._strategy_mask(tensordict) & torch.isfinite(log_prob))
+
+    def _behaviour_log_prob(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The stored behaviour log-probabilities ``[N, L]``, left-padded with 0."""
+        log_prob = tensordict.get(self.tensor_keys.sample_log_prob, None, as_padded_tensor=True,
+                                  padding_side="left", padding_value=0.0)
+        if log_prob is None:
+            raise KeyError(f"The behaviour log-probability {self.tensor_keys.sample_log_prob} is missing.")
+        return log_prob
+
+    def _strategy_mask(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """The tokens :attr:`masking_strategy` selects ``[N, L]``, before the validity
+        masks and the finite log-probabilities."""
+
         def padded(key, value):
             return tensordict.get(
                 key, as_padded_tensor=True, padding_side="left", padding_value=value
@@ -248,10 +291,47 @@ class GradientAccumulationMixin:
                     raise KeyError(f"masking_strategy='sft' needs {PROMPT_TOKENS_KEY}.")
                 mask = mask.clone()
                 mask[..., : prompt.shape[-1]] = False
-        log_prob = padded(self.tensor_keys.sample_log_prob, 0.0)
-        if log_prob is None:
-            raise KeyError(f"The behaviour log-probability {self.tensor_keys.sample_log_prob} is missing.")
-        return self._drop_invalid_samples(tensordict, mask & torch.isfinite(log_prob))
+        return mask
+
+    def _check_input(self, tensordict: TensorDictBase) -> None:
+        """Raises a clear error for an input the loss cannot read (metadata only: no host
+        synchronisation; skipped under ``torch.compile``)."""
+        if is_dynamo_compiling():
+            return
+        check_loss_input(self, tensordict, {
+            "action": "the token ids, [N, L]",
+            "advantage": "one value per sequence, [N, 1, 1], or per token, [N, L, 1]",
+            "sample_log_prob": "the behaviour policy's log-probability of each token, [N, L]",
+        })
+        if self.masking_strategy == "rlhf":
+            check_bool_mask(self, tensordict, ASSISTANT_MASK_KEY, "the assistant mask")
+
+    def _behaviour_token_counts(self, tensordict: TensorDictBase) -> torch.Tensor:
+        """``[selected, dropped]`` (no host synchronisation): the tokens the masking
+        strategy and the validity masks select, and those of them whose stored behaviour
+        log-probability is not finite, which the loss leaves out."""
+        selected = self._drop_invalid_samples(tensordict, self._strategy_mask(tensordict))
+        dropped = selected & ~torch.isfinite(self._behaviour_log_prob(tensordict))
+        return torch.stack([selected.sum(), dropped.sum()])
+
+    def _check_dropped_tokens(self, selected: int, dropped: int) -> None:
+        """Warns when ``dropped`` of the ``selected`` tokens are left out for a non-finite
+        behaviour log-probability; raises a ``ValueError`` when that leaves none."""
+        if not dropped:
+            return
+        key = self.tensor_keys.sample_log_prob
+        if dropped == selected:
+            raise ValueError(
+                f"{type(self).__name__}: the behaviour log-probability (tensor_keys."
+                f"sample_log_prob {key!r}) is NaN or infinite at every one of the {selected} "
+                "tokens the masks select, so no token is left to train on."
+            )
+        warnings.warn(
+            f"{type(self).__name__} leaves out {dropped} of {selected} tokens "
+            f"({dropped / selected:.1%}) whose behaviour log-probability (tensor_keys."
+            f"sample_log_prob {key!r}) is NaN or infinite.",
+            stacklevel=3,
+        )
 
     def _drop_invalid_samples(
         self, tensordict: TensorDictBase, mask: torch.Tensor
@@ -303,6 +383,7 @@ class GradientAccumulationMixin:
         log_weight, dist, kl_approx, mask = grpo_log_weight(super(), tensordict, adv_shape)
         mask = self._drop_invalid_samples(tensordict, self._drop_kl_masked_tokens(tensordict, mask))
         log_weight = torch.where(expand_as_right(mask, log_weight), log_weight, 0.0)
+        self._any_valid_token = mask.any()  # for the statistics of forward's output
         return log_weight, dist, kl_approx, mask
 
     def _zero_unused_advantage(self, tensordict: TensorDictBase) -> TensorDictBase:
@@ -376,7 +457,12 @@ class GradientAccumulationMixin:
         return tensordict, weight
 
     def forward(self, tensordict: TensorDictBase) -> LLMLossOutput:
-        return super().forward(self._zero_unused_advantage(self._decouple(tensordict)))
+        self._check_input(tensordict)
+        if self.check_finite and not is_dynamo_compiling():
+            self._check_dropped_tokens(*self._behaviour_token_counts(tensordict).tolist())
+        out = super().forward(self._zero_unused_advantage(self._decouple(tensordict)))
+        nan_without_valid(out, self._any_valid_token, _STATISTICS)
+        return out
 
     def _token_mean(
         self, value: torch.Tensor, mask: torch.Tensor, tensordict: TensorDictBase | None = None

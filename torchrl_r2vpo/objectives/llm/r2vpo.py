@@ -16,11 +16,12 @@ from torchrl_r2vpo._compat import (
     is_dynamo_compiling,
     log_clip_bounds,
 )
-from torchrl_r2vpo.objectives.llm.accumulation import GradientAccumulationMixin
+from torchrl_r2vpo.objectives.llm.accumulation import _STATISTICS, GradientAccumulationMixin
 from torchrl_r2vpo.objectives.proximal import check_max_behaviour_weight, check_ratio_form
 from torchrl_r2vpo.objectives.ratio_variance import (
     at_least_float32,
     LagrangianMixin,
+    nan_without_valid,
     RatioStats,
     squared_deviation,
 )
@@ -146,8 +147,11 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             for ``clip_fraction`` (stored as GRPOLoss's ``clip_epsilon_low`` /
             ``clip_epsilon_high`` buffers; R2VPO itself never clips). Defaults
             to ``0.2``.
-        check_finite (bool, optional): raise on a non-finite ratio or advantage
-            at a valid token (one host synchronisation per call; skipped under
+        check_finite (bool, optional): raise a ``ValueError`` on a non-finite
+            ratio or advantage at a valid token, or a ``lagrange_multiplier``
+            buffer out of bounds (see below); warn when tokens are left out for a
+            non-finite behaviour log-probability, and raise when none is left
+            (one host synchronisation per call; skipped under
             ``torch.compile``). Defaults to ``True``.
         ratio (str, optional): ``"proximal"`` (decoupled, when the input holds
             the proximal log-probabilities) or ``"behaviour"``. Defaults to
@@ -171,6 +175,8 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
     ``(r - rbar)^2``, NaN without valid tokens), ``lagrange_multiplier``,
     ``mean_ratio``, ``max_ratio`` and the sufficient statistics ``ratio_sum``,
     ``ratio_sq_sum`` (float64) and ``num_tokens`` for :func:`~torchrl_r2vpo.merge_ratio_stats`.
+    With no valid token the ``loss_*`` terms are 0, the counts and sums are 0 and
+    every other statistic (all the diagnostics but ``lagrange_multiplier``) is NaN.
     ``ratio_var`` is a token-level statistic for every ``aggregation``, and
     ``loss_ratio_var`` is ``lambda * ratio_var`` for every one too (``prompt_mean``
     weighs the objective per sequence, the constraint stays on tokens). Each
@@ -180,6 +186,20 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
     count, sum, sum of squares). The loss implements
     :class:`~torchrl_r2vpo.objectives.ratio_variance.LagrangianLoss`, the protocol
     the scheduler reads.
+
+    **Bad input.** As TorchRL's GRPOLoss, the loss leaves out the tokens whose stored
+    behaviour log-probability is not finite (NaN, ``-inf`` or ``+inf``); it warns with
+    their share, and raises a ``ValueError`` when no token is left (with
+    ``check_finite``). :class:`~torchrl_r2vpo.R2VPOLoss` raises on any such sample
+    instead: in control such a sample marks a broken collector, whereas an LLM
+    inference engine may return a non-finite log-probability for a few tokens. An
+    empty batch, a missing entry and a non-boolean mask raise an error naming the
+    entry and its ``tensor_keys`` field (see
+    :class:`~torchrl_r2vpo.objectives.llm.accumulation.GradientAccumulationMixin`).
+    ``lambda`` is read within its bounds (NaN and values below 0 as 0), so a value
+    written into the buffer in place (``fill_``, which bypasses the check on
+    assignment) is never used out of bounds; with ``check_finite`` it raises a
+    ``ValueError``.
 
     .. note:: Step :class:`~torchrl_r2vpo.DualVariableScheduler` on the
        output (or ``output.ratio_var``) after a single-batch update, on the
@@ -290,8 +310,9 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
         self._out_keys = values
 
     def forward(self, tensordict: TensorDictBase) -> R2VPOLLMLossOutput:
-        if self.tensor_keys.action not in tensordict:
-            raise ValueError(f"Action key {self.tensor_keys.action} not in tensordict.")
+        self._check_input(tensordict)
+        check = self.check_finite and not is_dynamo_compiling()
+        token_counts = self._behaviour_token_counts(tensordict) if check else None
         tensordict, weight = self._decouple_with_weight(tensordict)
         tensordict = self._zero_unused_advantage(tensordict)
         advantage = tensordict.get(self.tensor_keys.advantage, None, as_padded_tensor=True)
@@ -308,8 +329,8 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             )
         log_weight = at_least_float32(log_weight)  # bfloat16 ratios skew ratio_var
         ratio = log_weight.exp()
-        if self.check_finite and not is_dynamo_compiling():
-            _check_finite_llm(ratio, advantage, mask, self.tensor_keys)
+        if check:
+            self._check_finite(ratio, advantage, mask, token_counts)
         if not self.weighted_variance or weight is None:
             weight = None
         else:
@@ -336,7 +357,7 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             penalty = weight * penalty
         td_out = TensorDict()
         td_out.set("loss_objective", aggregate(-ratio * advantage))
-        td_out.set("loss_ratio_var", aggregate_penalty(self.lagrange_multiplier * penalty))
+        td_out.set("loss_ratio_var", aggregate_penalty(self._multiplier() * penalty))
         del penalty
         td_out.update(self._ratio_diagnostics(log_weight.detach(), kl_approx, mask, stats, center))
         if self.entropy_bonus:
@@ -345,6 +366,7 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             td_out.set("loss_entropy", aggregate(-self.entropy_coeff * entropy))
             del entropy
         self._add_kl_terms(tensordict, td_out, mask, dist)
+        nan_without_valid(td_out, mask.any(), _STATISTICS)
         self._record_ratio_stats(td_out.get("ratio_var"), stats)
         del tensordict[CURRENT_LOG_PROB_KEY]
         return self.output_type.from_tensordict(td_out)
@@ -374,7 +396,7 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             "kl_approx": kl_approx.detach().mean(),
             "ESS": log_ess.exp() / count,
             "ratio_var": ratio_var,
-            "lagrange_multiplier": self.lagrange_multiplier.detach().clone(),
+            "lagrange_multiplier": self._multiplier().detach(),
             "ratio_sum": stats.ratio_sum,
             "ratio_sq_sum": stats.ratio_sq_sum,
             "num_tokens": count,
@@ -412,6 +434,34 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             return torch.as_tensor(acc.ratio_mean, device=ratio.device).to(ratio.dtype)
         return stats.mean.to(ratio.dtype)
 
+    def _check_finite(self, ratio: torch.Tensor, advantage: torch.Tensor, mask: torch.Tensor,
+                      token_counts: torch.Tensor) -> None:
+        """Raises a ``ValueError`` when no token is left, or on a non-finite advantage or
+        ratio at a valid token, or the multiplier out of bounds; warns when tokens are
+        left out (:meth:`_behaviour_token_counts`). One host synchronisation."""
+        def finite(value):
+            return (torch.isfinite(value) | ~expand_as_right(mask, value)).all()
+
+        selected, dropped, advantage_ok, ratio_ok, multiplier_ok = torch.cat([
+            token_counts,
+            torch.stack([finite(advantage.expand_as(ratio)), finite(ratio),
+                         self._multiplier_in_bounds()]).to(token_counts.dtype),
+        ]).tolist()
+        self._check_dropped_tokens(selected, dropped)
+        if not advantage_ok:
+            raise ValueError(
+                f"The advantage (key {self.tensor_keys.advantage!r}) holds NaN or inf at valid "
+                "tokens."
+            )
+        if not ratio_ok:
+            raise ValueError(
+                "The importance ratio is NaN or inf at valid tokens: the current "
+                f"policy's log-probability of the stored tokens (key {self.tensor_keys.action!r}) "
+                "is not finite, or the policy is extremely far from the one that "
+                "sampled them (stale data, or too large a step)."
+            )
+        self._check_multiplier(multiplier_ok)
+
     def _add_kl_terms(self, tensordict, td_out, mask, dist) -> None:
         """GRPOLoss's KL-to-reference and KL-to-inference terms (added after aggregation)."""
         if self.kl_to_ref_coeff is not None and self.kl_to_ref_coeff > 0:
@@ -430,22 +480,3 @@ class R2VPOLLMLoss(LagrangianMixin, GradientAccumulationMixin, GRPOLoss):
             )
             td_out.set("loss_kl_to_inference", loss_kl)
             td_out.set("kl_to_inference", kl.detach())
-
-
-
-def _check_finite_llm(ratio, advantage, mask, keys) -> None:
-    def all_finite(value):
-        return bool((torch.isfinite(value) | ~expand_as_right(mask, value)).all())
-
-    if not all_finite(advantage.expand_as(ratio)):
-        raise ValueError(
-            f"The advantage (key {keys.advantage!r}) holds NaN or inf at valid tokens."
-        )
-    if not all_finite(ratio):
-        raise ValueError(
-            "The importance ratio is NaN or inf at valid tokens: the current "
-            f"policy's log-probability of the stored tokens (key {keys.action!r}) "
-            "is not finite, or the policy is extremely far from the one that "
-            "sampled them (stale data, or too large a step)."
-        )
-
