@@ -25,9 +25,14 @@ stale data by pi_prox / pi_behaviour, truncated at ``--max-behaviour-weight``
 (``--ratio proximal``, the default), or constrains pi_theta / pi_behaviour (``--ratio
 behaviour``).
 
+The deterministic policy is evaluated from ``--eval-episodes`` fresh starts every
+``--eval-every`` frames, and after the last batch from ``--final-eval-episodes`` starts, whose
+mean and median are printed at the end.
+
 Writes to ``--out``: ``curve.csv`` (one row per collected batch), ``curve.png``,
-``checkpoint.pt`` (every ``--checkpoint-every`` frames and on Ctrl-C or SIGTERM), the
-logger's files, and ``policy.gif`` where MuJoCo can render offscreen.
+``final_eval.csv`` (the final evaluation's return from each start), ``checkpoint.pt`` (every
+``--checkpoint-every`` frames and on Ctrl-C or SIGTERM), the logger's files, and
+``policy.gif`` where MuJoCo can render offscreen.
 
 An optimiser step with a non-finite loss or gradient norm is skipped (with a warning, and
 counted in ``skipped_steps``); ``MAX_SKIPS`` in a row stop the run with an error, after saving
@@ -50,10 +55,11 @@ from tqdm import tqdm
 
 from torchrl_r2vpo.envs import make_env
 from torchrl_r2vpo.recipes.config import ControlConfig, parse
-from torchrl_r2vpo.recipes.control import (CURVE_FIELDS, action_log_probs, eval_seed, evaluate,
-                                           load_optimizer_state, make_agent, make_collector,
-                                           make_loss, make_optimizer, plot_curve,
-                                           ratio_stats_by_staleness, set_lr, try_record_video)
+from torchrl_r2vpo.recipes.control import (CURVE_FIELDS, action_log_probs, episode_returns,
+                                           eval_seed, evaluate, load_optimizer_state, make_agent,
+                                           make_collector, make_loss, make_optimizer, plot_curve,
+                                           ratio_stats_by_staleness, RecentReturns,
+                                           save_final_eval, set_lr, try_record_video)
 from torchrl_r2vpo.recipes.run_state import (curve_row, interrupts_deferred, LinearDecay,
                                              load_checkpoint, log_row, make_logger, open_run_dir,
                                              read_curve, save_checkpoint, Schedule, seed_everything,
@@ -126,6 +132,21 @@ def main(cfg: ControlConfig) -> dict:
                         scheduler=scheduler.state_dict() if scheduler is not None else None,
                         history=history.state_dict(), logger=logger.state_dict())
 
+    def final_evaluation(frames: int) -> torch.Tensor:
+        """The policy's return from each of --final-eval-episodes fresh starts (Playground:
+        its batch), one episode each, also written to final_eval.csv."""
+        if cfg.playground:
+            returns = episode_returns(env, actor)
+        else:  # the starts of the evaluation it replaces, and more
+            final_env = make_env(cfg.env, num_envs=cfg.final_eval_episodes)
+            try:
+                final_env.set_seed(eval_seed(cfg, frames))
+                returns = episode_returns(final_env, actor)
+            finally:
+                final_env.close(raise_if_closed=False)
+        save_final_eval(out / "final_eval.csv", frames, returns)
+        return returns
+
     last_state = state()
     update = make_update(loss, optimizer, cfg.max_grad_norm, compile=cfg.compile)
     # with stale data, R2VPO's ratio is taken against the policy at the start of each update
@@ -137,7 +158,8 @@ def main(cfg: ControlConfig) -> dict:
     pbar = tqdm(total=cfg.frames, initial=frames, unit="frames", dynamic_ncols=True)
     eval_due = Schedule(cfg.eval_every, frames, cfg.frames)
     checkpoint_due = Schedule(cfg.checkpoint_every, frames, cfg.frames)
-    eval_return = math.nan
+    eval_return, final_returns = math.nan, None
+    recent = RecentReturns()  # the progress bar's mean return of the last 10 episodes
     # built last: from here on, whatever happens, the finally below shuts its workers down
     collector = None
     if frames < cfg.frames:  # a resumed run starts fresh episodes, seeded by its version
@@ -149,6 +171,7 @@ def main(cfg: ControlConfig) -> dict:
     try:
         for data in collector if collector is not None else ():
             torch.set_num_threads(threads)  # a batched env closed after the last batch raises it
+            recent.update(data)  # before --reward-scale: the bar shows the task's rewards
             lr = lr_schedule(frames)
             set_lr(optimizer, lr)
             data.set("policy_version", torch.full(data.shape, version, device=data.device))
@@ -192,9 +215,14 @@ def main(cfg: ControlConfig) -> dict:
                             train_return=returns.mean().item() if returns.numel() else "")
             stop = cfg.time_limit > 0 and now - start >= cfg.time_limit
             if eval_due(frames, force=stop):
-                if eval_env is not env:  # its own environments: starts that a resume keeps
-                    eval_env.set_seed(eval_seed(cfg, frames))
-                eval_return = row["eval_return"] = evaluate(eval_env, actor)
+                if stop or frames >= cfg.frames:  # after the last batch: the final evaluation
+                    final_returns = final_evaluation(frames)
+                    row["eval_return"] = final_returns.mean().item()
+                else:
+                    if eval_env is not env:  # its own environments: starts that a resume keeps
+                        eval_env.set_seed(eval_seed(cfg, frames))
+                    row["eval_return"] = evaluate(eval_env, actor)
+                eval_return = row["eval_return"]
                 if eval_env is env:  # the collector's episodes were interrupted: start afresh
                     collector.reset()
             with interrupts_deferred():  # the row, its logs and its state, together
@@ -203,7 +231,7 @@ def main(cfg: ControlConfig) -> dict:
                 if checkpoint_due(frames, force=stop):
                     save_checkpoint(ckpt_path, last_state)
             pbar.update(data.numel())
-            pbar.set_postfix(fps=row["fps"], ret=row["train_return"] or "-",
+            pbar.set_postfix(fps=row["fps"], ret=str(recent),
                              eval=f"{eval_return:.1f}", lam=row["lagrange_multiplier"] or "-",
                              var=f"{row['ratio_var']:.4f}" if row["ratio_var"] != "" else "-")
             if stop:
@@ -229,17 +257,21 @@ def main(cfg: ControlConfig) -> dict:
     # --- results --------------------------------------------------------------------------
     rows = read_curve(curve_path)
     plot_curve(rows, out / "curve.png", f"{cfg.loss} on {cfg.env}, seed {cfg.seed}")
-    final = next((r["eval_return"] for r in reversed(rows) if r["eval_return"] != ""), math.nan)
+    if final_returns is None:  # nothing trained in this process: the checkpoint's policy
+        final_returns = final_evaluation(frames)
+    mean, median = final_returns.mean().item(), final_returns.quantile(0.5).item()
     if not cfg.video:
         video = "no video (--no-video)"
     elif cfg.playground:
         video = "no video for Playground tasks"
     else:
         video = try_record_video(cfg.env, actor, out / "policy.gif", cfg.seed, gl_problem)
-    print(f"final evaluation return: {final:.1f} after {frames} frames")
+    print(f"final evaluation return: mean {mean:.1f}, median {median:.1f} from "
+          f"{final_returns.numel()} starts after {frames} frames")
     print(f"curve: {curve_path}, plot: {out / 'curve.png'}, checkpoint: {ckpt_path}")
     print(video)
-    return {"interrupted": False, "frames": frames, "final_eval_return": final}
+    return {"interrupted": False, "frames": frames, "final_eval_return": mean,
+            "final_eval_median": median, "final_eval_returns": final_returns.tolist()}
 
 
 if __name__ == "__main__":

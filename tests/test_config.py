@@ -21,7 +21,7 @@ CONTROL_DEFAULTS = dict(
     critic_coeff=0.5, max_grad_norm=0.5, clip_epsilon=0.2, lagrange_multiplier=0.5,
     ratio_var_target=0.02, dual="fixed", dual_lr=1.0, reuse=0, ratio="proximal",
     max_behaviour_weight=2.0, weighted_variance=True, eval_every=50_000,
-    eval_episodes=4, checkpoint_every=50_000, time_limit=0.0, logger="csv",
+    eval_episodes=4, final_eval_episodes=16, checkpoint_every=50_000, time_limit=0.0, logger="csv",
     out="runs/dmc_walker", resume=False, overwrite=False, video=True)
 LLM_DEFAULTS = dict(
     task="reversed-addition", model="", backend="transformers", device="cpu", threads=1,
@@ -48,7 +48,8 @@ BAD = [(ControlConfig, name, value, message) for name, value, message in [
     ("lagrange_multiplier", "nan", "finite"), ("ratio_var_target", "-0.02", ">= 0"),
     ("dual_lr", "-1", ">= 0"), ("reuse", "-1", ">= 0"), ("max_behaviour_weight", "-1", ">= 0"),
     ("max_behaviour_weight", "nan", "finite"), ("eval_every", "0", ">= 1"),
-    ("eval_episodes", "0", ">= 1"), ("checkpoint_every", "0", ">= 1"),
+    ("eval_episodes", "0", ">= 1"), ("final_eval_episodes", "0", ">= 1"),
+    ("final_eval_episodes", "-16", ">= 1"), ("checkpoint_every", "0", ">= 1"),
     ("time_limit", "-1", ">= 0"), ("time_limit", "inf", "finite"),
 ]] + [(LLMConfig, name, value, message) for name, value, message in [
     ("threads", "0", ">= 1"), ("rollouts", "0", ">= 1"), ("seed", "-1", ">= 0"),

@@ -7,9 +7,11 @@ import sys
 import pytest
 import torch
 from dm_control.rl.control import PhysicsError
+from tensordict import TensorDict
 
 from torchrl_r2vpo.envs import make_env, parse_env_name
 from torchrl_r2vpo.modules import RunningObservationNorm
+from torchrl_r2vpo.recipes.control import RecentReturns
 
 
 class TestEnvFactory:
@@ -216,3 +218,23 @@ for name, seed in (("cartpole-balance", 0), ("HalfCheetah-v5", None)):  # unseed
     for name in ("cartpole-balance", "HalfCheetah-v5"):
         count, written, shape = lines[name].split(" ", 2)
         assert int(count) == int(written) >= 3 and shape == "(48, 64)", lines[name]
+
+
+def test_the_progress_bar_shows_the_last_episodes_returns_kept_across_batches():
+    def batch(ends: dict[tuple[int, int], float], reward: float = 0.5) -> TensorDict:
+        """Two environments x 4 steps; ``ends`` maps (environment, step) to a return."""
+        done, episode_reward = torch.zeros(2, 4, 1, dtype=torch.bool), torch.zeros(2, 4, 1)
+        for (env, step), value in ends.items():
+            done[env, step], episode_reward[env, step] = True, value
+        return TensorDict({"next": {"reward": torch.full((2, 4, 1), reward), "done": done,
+                                    "episode_reward": episode_reward}}, [2, 4])
+
+    recent = RecentReturns(window=3)
+    recent.update(batch({}, reward=0.25))
+    assert str(recent) == "0.250/step"  # no episode has ended: the reward per step, marked
+    recent.update(batch({(0, 3): 30.0, (1, 1): 10.0}))
+    assert list(recent.returns) == [10.0, 30.0] and str(recent) == "20.0"  # in the order they ended
+    recent.update(batch({}))
+    assert str(recent) == "20.0"  # a batch that ends none keeps the last ones
+    recent.update(batch({(0, 0): 50.0, (1, 2): 70.0}))
+    assert list(recent.returns) == [30.0, 50.0, 70.0] and str(recent) == "50.0"

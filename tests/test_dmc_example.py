@@ -6,6 +6,7 @@ import importlib.util
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -24,10 +25,14 @@ from torchrl_r2vpo.recipes.run_state import interrupts_deferred, read_checkpoint
 EXAMPLE = Path(__file__).parents[1] / "examples" / "dmc_walker.py"
 SMALL = ["--frames-per-batch", "1024", "--num-envs", "4", "--num-workers", "1", "--epochs", "2",
          "--minibatch-size", "256", "--eval-episodes", "2", "--no-video"]
+# the final evaluation from 2 starts, not the default 16 (about 10 s longer), but in small_run
+FEW_FINAL_STARTS = ["--final-eval-episodes", "2"]
+FINAL_LINE = re.compile(r"final evaluation return: mean (\S+), median (\S+) from (\d+) starts "
+                        r"after (\d+) frames")
 
 
-def run_example(*args, timeout=120, env=None):
-    return subprocess.run([sys.executable, str(EXAMPLE), *SMALL, *args],
+def run_example(*args, timeout=120, env=None, final_starts=FEW_FINAL_STARTS):
+    return subprocess.run([sys.executable, str(EXAMPLE), *SMALL, *final_starts, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -36,13 +41,28 @@ def read_curve(out: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.timeout(180)
-def test_example_trains_and_writes_its_outputs(tmp_path):
+def read_final_eval(out: Path) -> list[dict]:
+    with open(out / "final_eval.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """4096 frames in 4 batches of 4 environments x 256 steps (walker's episodes of 1000 steps
+    end in the last one), evaluated at 2048 and finally from the default 16 starts: its
+    --out, its process and its seconds."""
+    out = tmp_path_factory.mktemp("run")
     start = time.perf_counter()
     result = run_example("--frames", "4096", "--eval-every", "2048", "--reuse", "1",
-                         "--out", str(tmp_path))
+                         "--out", str(out), final_starts=[])
+    return out, result, time.perf_counter() - start
+
+
+@pytest.mark.timeout(180)
+def test_example_trains_and_writes_its_outputs(small_run):
+    tmp_path, result, seconds = small_run
     assert result.returncode == 0, result.stderr[-3000:]
-    assert time.perf_counter() - start < 60
+    assert seconds < 60
     rows = read_curve(tmp_path)
     assert [int(r["frames"]) for r in rows] == [1024, 2048, 3072, 4096]
     assert rows[1]["eval_return"] and rows[-1]["eval_return"]
@@ -53,6 +73,37 @@ def test_example_trains_and_writes_its_outputs(tmp_path):
     assert "final evaluation return" in result.stdout
     scalars = tmp_path / "logs" / "r2vpo-walker-walk-seed0" / "scalars"
     assert (scalars / "stale1" / "ratio_var.csv").exists()  # per-staleness metrics
+
+
+@pytest.mark.timeout(180)
+def test_the_final_evaluation_is_from_16_starts_and_prints_their_mean_and_median(small_run):
+    out, result, _ = small_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    starts = read_final_eval(out)
+    assert [(int(r["frames"]), int(r["start"])) for r in starts] == [(4096, i) for i in range(16)]
+    returns = [float(r["return"]) for r in starts]
+    printed = FINAL_LINE.search(result.stdout)
+    assert printed is not None, result.stdout
+    mean, median, count, frames = printed.groups()
+    assert (int(count), int(frames)) == (16, 4096)
+    assert float(mean) == pytest.approx(statistics.fmean(returns), abs=0.051)
+    assert float(median) == pytest.approx(statistics.median(returns), abs=0.051)
+    # the curve ends with its mean
+    rows = read_curve(out)
+    assert float(rows[-1]["eval_return"]) == pytest.approx(statistics.fmean(returns), rel=1e-5)
+
+
+@pytest.mark.timeout(180)
+def test_the_progress_bar_shows_a_recent_return_throughout(small_run):
+    out, result, _ = small_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    shown = list(dict.fromkeys(re.findall(r"ret=([^,\]]+)", result.stderr)))  # in order, once
+    # no episode ends in the first 3 batches: the reward per step, marked as such
+    assert len(shown) >= 2 and "-" not in shown, shown
+    assert all(value.endswith("/step") and 0 <= float(value[:-5]) <= 1 for value in shown[:-1])
+    # the 4 episodes that end in the last batch: the mean of their returns
+    last_batch = read_curve(out)[-1]
+    assert float(shown[-1]) == pytest.approx(float(last_batch["train_return"]), abs=0.051)
 
 
 @pytest.mark.timeout(180)
@@ -181,6 +232,8 @@ def test_a_longer_budget_continues_the_learning_rate_and_the_clock_on_resume(tmp
     assert first.returncode == 0, first.stderr[-3000:]
     ckpt = read_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["frames"] == 1024
+    # a stop at --time-limit ends with the final evaluation
+    assert [int(r["frames"]) for r in read_final_eval(tmp_path)] == [1024, 1024]
     assert 0 < ckpt["time_s"] == pytest.approx(float(read_curve(tmp_path)[0]["time_s"]), abs=0.01)
     ckpt["time_s"] = 1000.0  # as if the first process had trained for 1000 s
     save_checkpoint(tmp_path / "checkpoint.pt", ckpt)
@@ -193,6 +246,12 @@ def test_a_longer_budget_continues_the_learning_rate_and_the_clock_on_resume(tmp
     assert [float(r["lr"]) for r in rows] == pytest.approx([3e-4, 1.5e-4, 7.5e-5], rel=1e-9)
     times = [float(r["time_s"]) for r in rows]
     assert times[0] < 1000 < times[1] < times[2]  # the clock counts on from the checkpoint's
+    final = FINAL_LINE.search(result.stdout).groups()
+    assert final[2:] == ("2", "3072") and len(read_final_eval(tmp_path)) == 2
+    # a finished run resumed: nothing to train, the same final evaluation of its policy
+    again = run_example("--frames", "3072", "--resume", "--out", str(tmp_path))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "nothing to train" in again.stdout and FINAL_LINE.search(again.stdout).groups() == final
     # the schedule has reached 0: a longer budget would not learn, and is refused by name
     refused = run_example("--frames", "4096", "--resume", "--out", str(tmp_path))
     assert refused.returncode != 0
@@ -259,11 +318,13 @@ def test_a_checkpoint_reloads_the_policy_its_final_evaluation_measured(tmp_path)
     episode_returns, eval_seed = control.episode_returns, control.eval_seed
     env = make_env("walker-walk", num_envs=2)
     cfg, actor = control.load_actor(tmp_path / "checkpoint.pt", env)
-    assert (cfg.env, cfg.frames, cfg.eval_episodes) == ("walker-walk", 2048, 2)
+    assert (cfg.env, cfg.frames, cfg.final_eval_episodes) == ("walker-walk", 2048, 2)
     env.set_seed(eval_seed(cfg, 2048))  # fresh environments, the run's evaluation starts
     returns = episode_returns(env, actor)
     assert returns.shape == (2,)
     assert returns.mean().item() == pytest.approx(final, rel=1e-5)
+    saved = torch.tensor([float(r["return"]) for r in read_final_eval(tmp_path)])
+    torch.testing.assert_close(returns, saved)
     # each evaluation has its own starts, whatever ran before it: a resumed run keeps them
     env.set_seed(eval_seed(cfg, 1024))
     earlier = episode_returns(env, actor)

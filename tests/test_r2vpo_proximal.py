@@ -309,6 +309,7 @@ class TestRecipe:
 EXAMPLE = Path(__file__).parents[1] / "examples" / "dmc_walker.py"
 SMALL = ["--env", "cartpole-balance", "--frames-per-batch", "512", "--num-envs", "4",
          "--num-workers", "1", "--epochs", "2", "--minibatch-size", "256", "--eval-episodes", "1",
+         "--final-eval-episodes", "1",
          "--eval-every", "1000000", "--frames", "1536", "--reuse", "1", "--no-video"]
 
 

@@ -20,7 +20,7 @@ def test_the_example_trains_on_ray_collectors(tmp_path):
         [sys.executable, str(EXAMPLE), "--env", "cartpole-balance", "--collector", "ray",
          "--num-workers", "2", "--num-envs", "2", "--frames-per-batch", "512",
          "--minibatch-size", "128", "--epochs", "2", "--frames", "1536", "--eval-every", "1536",
-         "--eval-episodes", "2", "--no-video", "--out", str(tmp_path)],
+         "--eval-episodes", "2", "--final-eval-episodes", "2", "--no-video", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]

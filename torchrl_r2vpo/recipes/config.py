@@ -169,6 +169,10 @@ class ControlConfig:
     """frames between deterministic evaluations"""
     eval_episodes: Count = 4
     """deterministic evaluation episodes, side by side (Playground: the --num-envs batch)"""
+    final_eval_episodes: Count = 16
+    """deterministic episodes of the final evaluation (after the last batch, or at the
+    --time-limit), side by side; their mean and median are printed, each return kept in
+    --out/final_eval.csv (Playground: the --num-envs batch)"""
     checkpoint_every: Count = 50_000
     """frames between checkpoints (also written at the end and on Ctrl-C or SIGTERM)"""
     time_limit: Coefficient = 0.0
@@ -176,7 +180,7 @@ class ControlConfig:
     logger: Logger = "csv"
     """TorchRL logger of the scalars, under --out/logs"""
     out: str = "runs/dmc_walker"
-    """directory for the curve, plot, checkpoint, logs and GIF"""
+    """directory for the curve, plot, final evaluation, checkpoint, logs and GIF"""
     resume: bool = False
     """continue from --out/checkpoint.pt"""
     overwrite: bool = False
@@ -187,7 +191,8 @@ class ControlConfig:
     # settings a resumed run may change; every other one must match the checkpoint's
     RESUMABLE: ClassVar[frozenset[str]] = frozenset({
         "frames", "device", "compile", "collector", "eval_every", "eval_episodes",
-        "checkpoint_every", "time_limit", "logger", "out", "resume", "overwrite", "video"})
+        "final_eval_episodes", "checkpoint_every", "time_limit", "logger", "out", "resume",
+        "overwrite", "video"})
 
     @property
     def playground(self) -> bool:

@@ -2,7 +2,8 @@
 
 Networks (:func:`make_agent`), the loss and its dual-variable scheduler (:func:`make_loss`),
 the optimiser (:func:`make_optimizer`), the collector (:func:`make_collector`), evaluation of the
-deterministic policy (:func:`evaluate`, :func:`eval_seed`), the log-probabilities of stored
+deterministic policy (:func:`evaluate`, :func:`eval_seed`, :func:`save_final_eval`), the recent
+training returns of the progress bar (:class:`RecentReturns`), the log-probabilities of stored
 actions (:func:`action_log_probs`, e.g. the proximal policy's) and their ratio statistics by age
 (:func:`ratio_stats_by_staleness`), reloading a trained policy (:func:`load_actor`)
 and the run's plot and GIF. They read their settings from a
@@ -20,6 +21,8 @@ Examples:
 
 from __future__ import annotations
 
+import collections
+import csv
 import dataclasses
 import functools
 import importlib.util
@@ -43,15 +46,19 @@ from torchrl_r2vpo.recipes.config import ControlConfig
 from torchrl_r2vpo.recipes.run_state import read_checkpoint
 from torchrl_r2vpo.record import record_rollout_gif
 
-__all__ = ["CURVE_FIELDS", "EVAL_SEED", "RAY_WORKER", "action_log_probs", "episode_returns",
-           "eval_seed", "evaluate", "load_actor", "load_optimizer_state", "make_agent",
-           "make_collector", "make_loss", "make_optimizer", "plot_curve",
-           "ratio_stats_by_staleness", "set_lr", "try_record_video"]
+__all__ = ["CURVE_FIELDS", "EVAL_SEED", "FINAL_EVAL_FIELDS", "RAY_WORKER", "RecentReturns",
+           "action_log_probs", "episode_returns", "eval_seed", "evaluate", "load_actor",
+           "load_optimizer_state", "make_agent", "make_collector", "make_loss", "make_optimizer",
+           "plot_curve", "ratio_stats_by_staleness", "save_final_eval", "set_lr",
+           "try_record_video"]
 
 # the columns of curve.csv, one row per collected batch
 CURVE_FIELDS = ["frames", "time_s", "fps", "update_s", "train_return", "eval_return",
                 "lagrange_multiplier", "ratio_var", "ESS", "clip_fraction", "kl_approx", "entropy",
                 "loss_objective", "loss_critic", "physics_errors", "lr", "skipped_steps"]
+
+# the columns of final_eval.csv, one row per start of the final evaluation
+FINAL_EVAL_FIELDS = ["frames", "start", "return"]
 
 # resources of one Ray collector actor: it steps CPU simulators
 RAY_WORKER = {"num_cpus": 1, "num_gpus": 0}
@@ -207,6 +214,59 @@ def eval_seed(cfg: ControlConfig, frames: int) -> int:
     ``EVAL_SEED + 100_000 * seed + eval_episodes * batch``, the same whether the run was
     resumed before it or not, and different for every batch and every run seed."""
     return EVAL_SEED + 100_000 * cfg.seed + cfg.eval_episodes * (frames // cfg.frames_per_batch)
+
+
+def save_final_eval(path: Path, frames: int, returns: torch.Tensor) -> None:
+    """Writes the final evaluation's returns to ``path`` (atomically), one row per start:
+    :data:`FINAL_EVAL_FIELDS`, ``frames`` being the training frames before it."""
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(FINAL_EVAL_FIELDS)
+        writer.writerows((frames, start, value) for start, value in enumerate(returns.tolist()))
+    tmp.replace(path)
+
+
+class RecentReturns:
+    """The returns of the last ``window`` episodes to finish, kept across batches, for a
+    progress bar.
+
+    ``str()`` gives their mean; before any episode has finished (a batch rarely ends an episode
+    of 1,000 steps), the mean reward per step of the last batch, marked ``/step``: an episode's
+    length varies by task, so it is not scaled to one.
+
+    Examples:
+        >>> recent = RecentReturns(window=2)
+        >>> done = torch.tensor([[False, False], [False, False]]).unsqueeze(-1)
+        >>> batch = TensorDict({"next": {"reward": torch.full((2, 2, 1), 0.25), "done": done,
+        ...                              "episode_reward": torch.zeros(2, 2, 1)}}, [2, 2])
+        >>> recent.update(batch)
+        >>> str(recent)
+        '0.250/step'
+        >>> batch["next", "done"][:, 1] = True  # both environments end an episode at step 1
+        >>> batch["next", "episode_reward"][:, 1] = torch.tensor([[10.0], [20.0]])
+        >>> recent.update(batch)
+        >>> str(recent)
+        '15.0'
+    """
+
+    def __init__(self, window: int = 10):
+        self.returns = collections.deque(maxlen=window)
+        self.reward_per_step = math.nan
+
+    def update(self, data: TensorDict) -> None:
+        """Adds the returns of the episodes that ``data`` (``[..., T]``) ends, in the order
+        they ended, and keeps its mean reward per step."""
+        done = data["next", "done"].squeeze(-1)
+        returns = data["next", "episode_reward"].squeeze(-1)[done]
+        order = done.nonzero()[:, -1].argsort(stable=True)  # by the step each one ended at
+        self.returns.extend(returns[order].tolist())
+        self.reward_per_step = data["next", "reward"].mean().item()
+
+    def __str__(self) -> str:
+        if self.returns:
+            return f"{sum(self.returns) / len(self.returns):.1f}"
+        return f"{self.reward_per_step:.3f}/step"
 
 
 def load_actor(path: Path, env: EnvBase) -> tuple[ControlConfig, ProbabilisticActor]:

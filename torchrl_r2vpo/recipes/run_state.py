@@ -69,7 +69,7 @@ __all__ = ["CheckpointError", "LinearDecay", "Schedule", "append_row", "check_re
            "read_checkpoint", "read_curve", "rng_state", "save_checkpoint", "seed_everything",
            "set_rng_state", "snapshot", "stop_on_sigterm", "truncate_curve"]
 
-RUN_FILES = ("checkpoint.pt", "curve.csv", "logs")
+RUN_FILES = ("checkpoint.pt", "curve.csv", "final_eval.csv", "logs")
 
 
 def open_run_dir(out: Path, resume: bool, overwrite: bool) -> tuple[Path, Path]:
