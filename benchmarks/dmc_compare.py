@@ -5,7 +5,7 @@
     python benchmarks/dmc_compare.py --reuse 0 2           # also R2VPO with --reuse 2
     python benchmarks/dmc_compare.py --sweep --frames 100000 --seeds 0
     python benchmarks/dmc_compare.py --sweep --lambdas 2.5 --targets 0.02   # only these settings
-    python benchmarks/dmc_compare.py --throughput          # frames/s vs the raw simulator
+    python benchmarks/dmc_compare.py --throughput          # collection and loop vs the raw simulator
     python benchmarks/dmc_compare.py --workers 1 2         # collection frames/s per worker count, 5 repeats
     python benchmarks/dmc_compare.py --starts 64           # final policies from 64 fresh starts each
     python benchmarks/dmc_compare.py --report-only         # rebuild the tables from the files
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -39,11 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
+from torchrl_r2vpo.envs import make_env, parse_env_name
+from torchrl_r2vpo.recipes.config import ControlConfig
 from torchrl_r2vpo.recipes.sweep import first_reach, points, run_curve, run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "dmc_walker.py"
 TASKS = ["walker-walk", "cheetah-run", "cartpole-swingup_sparse"]
+THROUGHPUT_TASKS = ["walker-walk", "HalfCheetah-v5"]  # DeepMind Control and gymnasium MuJoCo
 FIXED_LAMBDAS = [0.5, 1.0, 2.5, 5.0, 10.0]
 ADAPTIVE_TARGETS = [0.005, 0.01, 0.02, 0.05]
 # the starting states of --starts: environment i of a task is seeded STARTS_SEED + i, far from
@@ -256,21 +260,35 @@ def starts(out: Path, tasks: list[str], frames: int, episodes: int) -> str:
 
 def _raw_steps(task: str, steps: int, queue) -> None:
     os.environ.setdefault("MUJOCO_GL", "disable")  # no renderer needed
-    from dm_control import suite
+    rng = np.random.default_rng(0)
+    domain, name = parse_env_name(task)
+    if name is None:  # gymnasium
+        import gymnasium
 
-    domain, name = task.split("-", 1)
-    env = suite.load(domain, name, task_kwargs={"random": 0})
-    spec, rng = env.action_spec(), np.random.default_rng(0)
-    env.reset()
-    start = time.perf_counter()
-    for _ in range(steps):
-        if env.step(rng.uniform(spec.minimum, spec.maximum, spec.shape)).last():
-            env.reset()
+        env = gymnasium.make(task)
+        env.reset(seed=0)
+        low, high = env.action_space.low, env.action_space.high
+        start = time.perf_counter()
+        for _ in range(steps):
+            _, _, terminated, truncated, _ = env.step(rng.uniform(low, high))
+            if terminated or truncated:
+                env.reset()
+    else:
+        from dm_control import suite
+
+        env = suite.load(domain, name, task_kwargs={"random": 0})
+        spec = env.action_spec()
+        env.reset()
+        start = time.perf_counter()
+        for _ in range(steps):
+            if env.step(rng.uniform(spec.minimum, spec.maximum, spec.shape)).last():
+                env.reset()
     queue.put(steps / (time.perf_counter() - start))
 
 
 def raw_rate(task: str, processes: int, steps: int = 20_000) -> float:
-    """Random-action dm_control steps/s summed over ``processes`` processes."""
+    """Random-action simulator steps/s (dm_control or gymnasium, no TorchRL) summed over
+    ``processes`` processes."""
     queue = mp.get_context("spawn").Queue()
     procs = [mp.get_context("spawn").Process(target=_raw_steps, args=(task, steps, queue))
              for _ in range(processes)]
@@ -282,40 +300,12 @@ def raw_rate(task: str, processes: int, steps: int = 20_000) -> float:
     return sum(rates)
 
 
-def plain_collector_rate(task: str, frames: int = 20_480) -> float:
-    """frames/s of a plain single-env TorchRL Collector with the example's policy."""
-    import torch
-    from torchrl.collectors import Collector
-
-    from torchrl_r2vpo.envs import make_env
-    from torchrl_r2vpo.recipes.control import make_agent
-
-    env = make_env(task, seed=0)
-    actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
-                             env.action_spec.shape[-1])
-    torch.set_num_threads(1)
-    collector = Collector(env, actor, frames_per_batch=2048, total_frames=frames + 2048,
-                          auto_register_policy_transforms=False)
-    it = iter(collector)
-    next(it)  # warm-up batch
-    start = time.perf_counter()
-    for _ in it:
-        pass
-    rate = frames / (time.perf_counter() - start)
-    collector.shutdown()
-    return rate
-
-
 def collection_rate(task: str, num_workers: int, batches: int = 6) -> float:
     """frames/s of the example's collector alone (no updates), first batch excluded."""
-    import os
-
     import torch
 
     os.environ.setdefault("MUJOCO_GL", "disable")  # no renderer needed
 
-    from torchrl_r2vpo.envs import make_env
-    from torchrl_r2vpo.recipes.config import ControlConfig
     from torchrl_r2vpo.recipes.control import make_agent, make_collector
 
     cfg = ControlConfig(env=task, num_workers=num_workers)
@@ -330,6 +320,10 @@ def collection_rate(task: str, num_workers: int, batches: int = 6) -> float:
     frames = sum(data.numel() for data in it)
     rate = frames / (time.perf_counter() - start)
     collector.shutdown()
+    # now, not at interpreter exit: there TorchRL 0.14's weight-sync scheme, kept alive by a
+    # reference cycle (gymnasium environments), deadlocks in its __del__
+    del collector, it
+    gc.collect()
     return rate
 
 
@@ -363,49 +357,53 @@ def workers(out: Path, task: str, counts: list[int], repeats: int = 1) -> str:
           f"| {statistics.median(raw[n]):.0f} | {ratios(raw, n)} |" for n in counts]])
 
 
-def throughput(out: Path, task: str, frames: int) -> str:
-    """The training loop (eager and compiled), the plain Collector and the raw simulator,
-    measured in one run."""
-    raw_before = raw_rate(task, processes=2)
-    plain = plain_collector_rate(task)
-    loops, updates = {}, {}
-    for name, flags in (("eager", []), ("compiled", ["--compile"])):
-        run_dir = out / "throughput" / task / name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run(run_dir, frames, ["--env", task, "--eval-every", str(10 * frames), *flags])
-        # the first batch includes start-up and, compiled, the compilation
-        loops[name] = statistics.median(r["fps"] for r in run_curve(run_dir)[1:])
-        updates[name] = statistics.median(r["update_s"] for r in run_curve(run_dir)[1:])
-    raw_after = raw_rate(task, processes=2)
-    loop = loops["eager"]
-    raw = statistics.mean([raw_before, raw_after])
-    result = {"task": task, "training_loop_fps": loop, "compiled_loop_fps": loops["compiled"],
-              "update_s_per_batch": updates["eager"],
-              "compiled_update_s_per_batch": updates["compiled"],
-              "plain_collector_fps": plain, "raw_dm_control_2proc_steps_per_s": raw,
-              "raw_before": raw_before, "raw_after": raw_after,
-              "machine": platform.processor() or platform.machine()}
-    (out / "throughput.json").write_text(json.dumps(result, indent=2))
+def throughput(out: Path, tasks: list[str], frames: int) -> str:
+    """Per task, in one run: the raw simulator in 2 processes (before and after, averaged),
+    the example's collector alone, and its training loop (collection and updates), eager
+    and, on the first task, compiled."""
+    results = []
+    for i, task in enumerate(tasks):
+        raw_before = raw_rate(task, processes=2)
+        collection = collection_rate(task, ControlConfig.num_workers)
+        loops, updates = {}, {}
+        for name, flags in (("eager", []), ("compiled", ["--compile"]))[: 2 if i == 0 else 1]:
+            run_dir = out / "throughput" / task / name
+            shutil.rmtree(run_dir, ignore_errors=True)
+            run(run_dir, frames, ["--env", task, "--eval-every", str(10 * frames), *flags])
+            # the first batch includes start-up and, compiled, the compilation
+            loops[name] = statistics.median(r["fps"] for r in run_curve(run_dir)[1:])
+            updates[name] = statistics.median(r["update_s"] for r in run_curve(run_dir)[1:])
+        raw = statistics.mean([raw_before, raw_rate(task, processes=2)])
+        results.append({"task": task, "raw_2proc_steps_per_s": raw, "collection_fps": collection,
+                         "loop_fps": loops, "update_s_per_batch": updates})
+    (out / "throughput.json").write_text(json.dumps(
+        {"runs": results, "machine": platform.processor() or platform.machine()}, indent=2))
+    rows = []
+    for r in results:
+        raw, collection = r["raw_2proc_steps_per_s"], r["collection_fps"]
+        for name, loop in r["loop_fps"].items():
+            cells = ([r["task"], f"{raw:.0f}", f"{collection:.0f}", f"{collection / raw:.0%}"]
+                     if name == "eager" else ["", "", "", ""])
+            rows.append("| " + " | ".join([*cells, name, f"{loop:.0f}", f"{loop / raw:.0%}",
+                                           f"{r['update_s_per_batch'][name]:.2f} s"]) + " |")
     return "\n".join([
-        f"Throughput on {task} (2 processes; training loop = collection + 10 epochs of updates, "
-        "median over batches after the first, excluding evaluation):", "",
-        "| raw dm_control, random actions | plain single-env Collector | training loop | "
-        "loop / plain | loop / raw |", "|---|---|---|---|---|",
-        f"| {raw:.0f} steps/s | {plain:.0f} frames/s | {loop:.0f} frames/s | "
-        f"{loop / plain:.2f}x | {loop / raw:.0%} |", "",
-        "The same loop with the update step compiled (`--compile`); updates = GAE and the "
-        "optimiser steps of one batch, median over batches after the first:", "",
-        "| | training loop | updates per batch |", "|---|---|---|",
-        *[f"| {name} | {loops[name]:.0f} frames/s | {updates[name]:.2f} s |" for name in loops],
-        f"| compiled / eager | {loops['compiled'] / loop:.2f}x | "
-        f"{updates['eager'] / updates['compiled']:.2f}x faster |"])
+        "Throughput, 2 processes each: the raw simulator with random actions and no TorchRL "
+        "(steps/s, before and after the runs, averaged); the example's collector alone "
+        f"({ControlConfig.num_workers} workers of {ControlConfig.num_envs} environments, "
+        "batches after the first); its training loop, collection and updates (10 epochs of "
+        "minibatches), median over batches after the first, evaluation excluded; and the "
+        "updates' seconds per batch (GAE and the optimiser steps):", "",
+        "| task | raw simulator | collection (frames/s) | collection / raw | update | "
+        "training loop (frames/s) | loop / raw | updates per batch |",
+        "|---|---|---|---|---|---|---|---|", *rows])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Other arguments go to every run of examples/dmc_walker.py (see its --help).")
-    parser.add_argument("--tasks", nargs="+", default=TASKS)
+    parser.add_argument("--tasks", nargs="+",
+                        help=f"default: {' '.join(TASKS)} (--throughput: {' '.join(THROUGHPUT_TASKS)})")
     parser.add_argument("--losses", nargs="+", default=["r2vpo", "ppo"], choices=["r2vpo", "ppo"])
     parser.add_argument("--reuse", nargs="+", type=int, default=[0], metavar="K",
                         help="R2VPO also with --reuse K (K > 0: the column r2vpo-reuseK)")
@@ -427,6 +425,8 @@ def main() -> None:
                         help="evaluate each finished run's final policy from N fresh starts")
     parser.add_argument("--report-only", action="store_true")
     args, extra = parser.parse_known_args()  # extra arguments go to the example
+    if not args.throughput:
+        args.tasks = args.tasks or TASKS
     args.out.mkdir(parents=True, exist_ok=True)
 
     sections = []
@@ -435,7 +435,7 @@ def main() -> None:
     elif args.workers:
         sections.append(workers(args.out, args.tasks[0], args.workers, args.repeats))
     elif args.throughput:
-        sections.append(throughput(args.out, args.tasks[0], args.frames))
+        sections.append(throughput(args.out, args.tasks or THROUGHPUT_TASKS, args.frames))
     elif args.sweep:
         task = args.tasks[0]
         runs = [(f"fixed-{v}", ["--lagrange-multiplier", str(v)]) for v in args.lambdas]

@@ -328,3 +328,27 @@ def test_worker_scaling_is_compared_within_each_repeat(tmp_path, monkeypatch):
     assert "| 2 | 1600 | 1.50x (1.50, 2.00, 1.50) | 9000 | 2.00x (1.80, 2.00, 2.00) |" in text
     assert json.loads((tmp_path / "workers.json").read_text())["frames_per_s"]["2"] == [
         1500.0, 1600.0, 1800.0]
+
+
+def test_throughput_reports_collection_and_loop_against_the_raw_simulator(tmp_path, monkeypatch):
+    dmc = load("dmc_compare")
+    raw = iter([9000.0, 7000.0, 20000.0, 20000.0])  # per task: before and after the runs
+    monkeypatch.setattr(dmc, "raw_rate", lambda task, processes: next(raw))
+    monkeypatch.setattr(dmc, "collection_rate", lambda task, n: {"walker-walk": 4800.0}.get(task, 9000.0))
+    fps = {"eager": 2400.0, "compiled": 2800.0}
+    runs, curves = [], {}
+
+    def fake_run(run_dir, frames, args):
+        runs.append((run_dir.parent.name, run_dir.name))
+        curves[run_dir] = [{"fps": 1.0, "update_s": 9.0}] + [{"fps": fps[run_dir.name], "update_s": 0.5}] * 3
+
+    monkeypatch.setattr(dmc, "run", fake_run)
+    monkeypatch.setattr(dmc, "run_curve", lambda run_dir: curves[run_dir])
+    text = dmc.throughput(tmp_path, ["walker-walk", "HalfCheetah-v5"], 8192)
+    # the first batch (start-up, compilation) is left out; the compiled loop on the first task only
+    assert runs == [("walker-walk", "eager"), ("walker-walk", "compiled"), ("HalfCheetah-v5", "eager")]
+    assert "| walker-walk | 8000 | 4800 | 60% | eager | 2400 | 30% | 0.50 s |" in text
+    assert "|  |  |  |  | compiled | 2800 | 35% | 0.50 s |" in text
+    assert "| HalfCheetah-v5 | 20000 | 9000 | 45% | eager | 2400 | 12% | 0.50 s |" in text
+    saved = json.loads((tmp_path / "throughput.json").read_text())["runs"]
+    assert [r["task"] for r in saved] == ["walker-walk", "HalfCheetah-v5"]

@@ -9,9 +9,25 @@ import torch
 from dm_control.rl.control import PhysicsError
 from tensordict import TensorDict
 
-from torchrl_r2vpo.envs import make_env, parse_env_name
+from torchrl.envs import (CatTensors, Compose, DoubleToFloat, GymEnv, GymWrapper, InitTracker,
+                          ParallelEnv, RewardSum, SerialEnv, StepCounter, TransformedEnv)
+
+from torchrl_r2vpo.envs import DMControlBatchEnv, FaultTolerantDMControlEnv, make_env, parse_env_name
 from torchrl_r2vpo.modules import RunningObservationNorm
 from torchrl_r2vpo.recipes.control import RecentReturns
+
+
+def fail_at_step(raw_env, n: int) -> None:
+    """Makes a dm_control Environment raise PhysicsError at its n-th step."""
+    step, calls = raw_env.step, [0]
+
+    def unstable_step(action):
+        calls[0] += 1
+        if calls[0] == n:
+            raise PhysicsError("simulated instability")
+        return step(action)
+
+    raw_env.step = unstable_step
 
 
 class TestEnvFactory:
@@ -63,16 +79,7 @@ class TestEnvFactory:
 
     def test_physics_error_ends_the_episode_and_is_counted(self):
         env = make_env("walker-walk", seed=0)
-        raw = env.base_env._env._env  # the dm_control Environment under the guard
-        step, calls = raw.step, [0]
-
-        def unstable_step(action):
-            calls[0] += 1
-            if calls[0] == 4:
-                raise PhysicsError("simulated instability")
-            return step(action)
-
-        raw.step = unstable_step
+        fail_at_step(env.base_env._env._env, 4)  # the dm_control Environment under the guard
         td = env.rollout(10, break_when_any_done=False)
         errors = td["next", "physics_error"].squeeze(-1)
         assert errors.tolist() == [False] * 3 + [True] + [False] * 6
@@ -81,6 +88,89 @@ class TestEnvFactory:
         # the faulty step returned the last valid observation, then a reset followed
         torch.testing.assert_close(td["next", "observation"][3], td["next", "observation"][2])
         assert td["step_count"][4].item() == 0 and td["is_init"][4].item()
+
+
+def serial_env(domain: str, task: str, num_envs: int, seed: int) -> TransformedEnv:
+    """The SerialEnv of FaultTolerantDMControlEnv that DMControlBatchEnv stands in for."""
+    def factory(i):
+        env = FaultTolerantDMControlEnv(domain, task)
+        env.set_seed(seed + i)
+        return env
+    env = SerialEnv(num_envs, [lambda i=i: factory(i) for i in range(num_envs)])
+    keys = sorted(k for k in env.observation_spec.keys() if k != "physics_error")
+    return TransformedEnv(env, Compose(CatTensors(in_keys=keys, out_key="observation"),
+                                       DoubleToFloat(), StepCounter(), InitTracker(), RewardSum()))
+
+
+class TestDMControlBatchEnv:
+    def test_make_env_steps_dm_control_batches_in_one_loop(self):
+        assert isinstance(make_env("walker-walk", num_envs=2).base_env, DMControlBatchEnv)
+        assert isinstance(make_env("walker-walk", num_envs=2, parallel=True).base_env, ParallelEnv)
+
+    @pytest.mark.parametrize("name", ["cartpole-swingup_sparse", "walker-walk"])
+    def test_same_data_as_a_serial_env_across_an_episode_end(self, name):
+        """Same seeds, same actions: every entry equal, through the time limit's partial
+        resets (cartpole: 1000 steps) and after reseeding."""
+        domain, task = parse_env_name(name)
+        ours, serial = make_env(name, num_envs=3, seed=5), serial_env(domain, task, 3, seed=5)
+        steps = 1003 if domain == "cartpole" else 20
+        for _ in range(2):
+            torch.manual_seed(0)
+            a = ours.rollout(steps, break_when_any_done=False)
+            torch.manual_seed(0)
+            b = serial.rollout(steps, break_when_any_done=False)
+            assert set(a.keys(True, True)) == set(b.keys(True, True))
+            for key in a.keys(True, True):
+                assert a[key].dtype == b[key].dtype, key
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+            assert ours.set_seed(7) == serial.set_seed(7)  # the same chain of seeds
+        if domain == "cartpole":
+            assert a["next", "truncated"].sum() == 3 and a["is_init"][:, 1000].all()
+
+    def test_physics_error_ends_only_that_episode(self):
+        """Environment 1 faults at its 4th step and is reset alone; environment 0 goes on."""
+        env = make_env("walker-walk", num_envs=2, seed=0)
+        fail_at_step(env.base_env._envs[1]._env, 4)  # environment 1's dm_control Environment
+        td = env.rollout(6, break_when_any_done=False)
+        assert td["next", "physics_error"].squeeze(-1).tolist() == [
+            [False] * 6, [False] * 3 + [True] + [False] * 2]
+        assert td["next", "truncated"][1, 3].item() and not td["next", "terminated"][1, 3].item()
+        assert td["next", "reward"][1, 3].item() == 0.0
+        torch.testing.assert_close(td["next", "observation"][1, 3], td["next", "observation"][1, 2])
+        assert td["step_count"][1, 4].item() == 0 and td["step_count"][0, 4].item() == 4
+        torch.testing.assert_close(td["observation"][0, 4], td["next", "observation"][0, 3])
+        assert not torch.equal(td["observation"][1, 4], td["next", "observation"][1, 3])
+
+
+class TestGymnasiumBatch:
+    def test_same_data_as_a_serial_env_across_an_episode_end(self):
+        """gymnasium's SyncVectorEnv, auto-reset off: the data of a SerialEnv of GymEnv seeded
+        seed + i, through Pendulum's 200-step time limit."""
+        ours = make_env("Pendulum-v1", num_envs=3, seed=5)
+        assert isinstance(ours.base_env, GymWrapper) and ours.batch_size == (3,)
+        serial = TransformedEnv(SerialEnv(3, [lambda i=i: seeded(GymEnv("Pendulum-v1"), 5 + i)
+                                              for i in range(3)]), ours.transform.clone())
+        torch.manual_seed(0)
+        a = ours.rollout(203, break_when_any_done=False)
+        torch.manual_seed(0)
+        b = serial.rollout(203, break_when_any_done=False)
+        assert set(a.keys(True, True)) == set(b.keys(True, True))
+        for key in a.keys(True, True):
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=str(key))
+        assert a["next", "truncated"].sum() == 3 and a["is_init"][:, 200].all()
+
+    def test_set_seed_reproduces_the_starts(self):
+        env = make_env("Pendulum-v1", num_envs=2)
+        env.set_seed(11)
+        first = env.reset()["observation"]
+        env.set_seed(11)
+        torch.testing.assert_close(env.reset()["observation"], first)
+        assert not torch.equal(first[0], first[1])
+
+
+def seeded(env, seed: int):
+    env.set_seed(seed)
+    return env
 
 
 class TestRunningObservationNorm:

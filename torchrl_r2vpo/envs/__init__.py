@@ -4,11 +4,13 @@ token generation as an MDP."""
 from __future__ import annotations
 
 from torchrl_r2vpo._deprecation import moved
-from torchrl_r2vpo.envs.control import FaultTolerantDMControlEnv, make_env, parse_env_name
+from torchrl_r2vpo.envs.control import (DMControlBatchEnv, FaultTolerantDMControlEnv, make_env,
+                                        parse_env_name)
 from torchrl_r2vpo.envs.playground import PlaygroundEnv
 from torchrl_r2vpo.envs.token_mdp import next_token_actor, sequences_from_rollout, TokenGenerationEnv
 
 __all__ = [
+    "DMControlBatchEnv",
     "FaultTolerantDMControlEnv",
     "PlaygroundEnv",
     "TokenGenerationEnv",

@@ -8,7 +8,8 @@ import re
 
 import numpy as np
 import torch
-from torchrl.data import Binary
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import Binary, Bounded, Composite, Unbounded
 from torchrl.envs import (
     CatTensors,
     Compose,
@@ -16,18 +17,19 @@ from torchrl.envs import (
     DoubleToFloat,
     EnvBase,
     GymEnv,
+    GymWrapper,
     InitTracker,
     ParallelEnv,
     RewardSum,
-    SerialEnv,
     StepCounter,
     TransformedEnv,
 )
+from torchrl._utils import seed_generator
 from torchrl.envs.gym_like import default_info_dict_reader
 
 from torchrl_r2vpo.envs.playground import PLAYGROUND_PREFIX, playground_env
 
-__all__ = ["FaultTolerantDMControlEnv", "make_env", "parse_env_name"]
+__all__ = ["DMControlBatchEnv", "FaultTolerantDMControlEnv", "make_env", "parse_env_name"]
 
 PHYSICS_ERROR_KEY = "physics_error"
 
@@ -139,27 +141,178 @@ class FaultTolerantDMControlEnv(DMControlEnv):
         return observation, reward, terminated, truncated, done, info
 
 
+class DMControlBatchEnv(EnvBase):
+    """A batch of ``num_envs`` DeepMind Control environments stepped in one loop.
+
+    One :class:`~tensordict.TensorDict` per step for the whole batch: each
+    environment is stepped on its row of the action, and the observations,
+    rewards and flags are written into shared arrays. A
+    :class:`~torchrl.envs.SerialEnv` of :class:`FaultTolerantDMControlEnv`
+    builds, reads and copies a TensorDict per environment and per step, which
+    costs several times the physics; this environment produces the same data
+    (same seeds, same values) at a fraction of that.
+
+    Each output is what the ``SerialEnv`` of :class:`FaultTolerantDMControlEnv`
+    gives after ``CatTensors`` and ``DoubleToFloat``: ``"observation"``, the
+    task's observations flattened and concatenated in sorted key order, as
+    float32; ``"reward"`` as float32; ``done``/``terminated``/``truncated``
+    (the episode's last step is a termination when its discount is 0, else a
+    truncation); and ``"physics_error"``, ``True`` on a step where the
+    simulation became unstable (the episode then ends as a truncation, as in
+    :class:`FaultTolerantDMControlEnv`). Seeds follow a ``SerialEnv``'s
+    (:meth:`set_seed`). Partial resets
+    (``"_reset"``) reset only the flagged environments.
+
+    Args:
+        domain (str): the dm_control domain (``"walker"``).
+        task (str): the task (``"walk"``).
+        num_envs (int): the batch size.
+
+    Keyword Args:
+        device (torch.device, optional): where the tensors live. Defaults to the CPU.
+
+    Examples:
+        >>> env = DMControlBatchEnv("cartpole", "balance", num_envs=3)
+        >>> _ = env.set_seed(0)
+        >>> env.rollout(4)["next", "observation"].shape
+        torch.Size([3, 4, 5])
+    """
+
+    def __init__(self, domain: str, task: str, num_envs: int, *, device=None):
+        from dm_control import suite
+
+        super().__init__(batch_size=torch.Size([num_envs]), device=device)
+        self.domain, self.task = domain, task
+        self._envs = [_PhysicsFaultGuard(suite.load(domain, task)) for _ in range(num_envs)]
+        self._keys = sorted(self._envs[0].observation_spec())
+        obs_dim = sum(int(np.prod(spec.shape)) for spec in self._envs[0].observation_spec().values())
+        self._observation = np.zeros((num_envs, obs_dim), dtype=np.float32)
+        self._reward = np.zeros((num_envs, 1), dtype=np.float32)
+        self._flags = np.zeros((3, num_envs, 1), dtype=bool)  # terminated, truncated, physics error
+        action = self._envs[0].action_spec()
+        shape = (num_envs, *action.shape)
+        self.action_spec = Bounded(
+            low=torch.tensor(np.broadcast_to(action.minimum, shape), dtype=torch.float32),
+            high=torch.tensor(np.broadcast_to(action.maximum, shape), dtype=torch.float32),
+            shape=shape, dtype=torch.float32, device=self.device)
+        self.observation_spec = Composite(
+            observation=Unbounded((num_envs, obs_dim), dtype=torch.float32, device=self.device),
+            **{PHYSICS_ERROR_KEY: Binary(1, shape=(num_envs, 1), dtype=torch.bool, device=self.device)},
+            shape=(num_envs,), device=self.device)
+        self.reward_spec = Unbounded((num_envs, 1), dtype=torch.float32, device=self.device)
+        done = Binary(1, shape=(num_envs, 1), dtype=torch.bool, device=self.device)
+        self.done_spec = Composite(done=done, terminated=done.clone(), truncated=done.clone(),
+                                   shape=(num_envs,), device=self.device)
+
+    def _write_observation(self, i: int, observation) -> None:
+        self._observation[i] = np.concatenate(
+            [np.asarray(observation[key], dtype=np.float64).ravel() for key in self._keys])
+
+    def _output(self, with_reward: bool) -> TensorDictBase:
+        terminated, truncated, faulted = (torch.from_numpy(f.copy()) for f in self._flags)
+        out = {"observation": torch.from_numpy(self._observation.copy()),
+               PHYSICS_ERROR_KEY: faulted, "terminated": terminated, "truncated": truncated,
+               "done": terminated | truncated}
+        if with_reward:
+            out["reward"] = torch.from_numpy(self._reward.copy())
+        return TensorDict(out, batch_size=self.batch_size).to(self.device)
+
+    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
+        actions = tensordict["action"].detach().cpu().double().numpy()
+        terminated, truncated, faulted = self._flags
+        for i, env in enumerate(self._envs):
+            timestep = env.step(actions[i])
+            self._write_observation(i, timestep.observation)
+            self._reward[i] = timestep.reward or 0.0
+            last = timestep.last()
+            truncated[i] = last and bool(np.isclose(timestep.discount, 1))
+            terminated[i] = last and not truncated[i]
+            faulted[i] = env.faulted
+        return self._output(with_reward=True)
+
+    def _reset(self, tensordict: TensorDictBase | None = None, **kwargs) -> TensorDictBase:
+        reset = None if tensordict is None else tensordict.get("_reset", None)
+        which = (range(len(self._envs)) if reset is None
+                 else np.flatnonzero(reset.reshape(len(self._envs), -1).any(-1).cpu().numpy()))
+        for i in which:
+            self._write_observation(i, self._envs[i].reset().observation)
+            self._flags[:, i] = False
+        return self._output(with_reward=False)
+
+    def seed_each(self, seeds) -> None:
+        """Seeds environment ``i`` with ``seeds[i]`` and resets the batch."""
+        for env, seed in zip(self._envs, seeds, strict=True):  # as DMControlEnv seeds itself
+            env.task._random = np.random.RandomState(seed)
+        self._reset()
+
+    def set_seed(self, seed: int | None = None, static_seed: bool = False) -> int | None:
+        """Seeds the environments in turn as a :class:`~torchrl.envs.SerialEnv` does: the
+        first with ``seed``, each next one with the seed the previous returned; returns the
+        seed after the last."""
+        if seed is None:
+            return None
+        seeds = []
+        for _ in self._envs:
+            seeds.append(seed)
+            seed = seed if static_seed else seed_generator(seed)
+        self.seed_each(seeds)
+        return seed
+
+    def _set_seed(self, seed: int | None) -> None:
+        """Not used: :meth:`set_seed` seeds each environment."""
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(domain={self.domain!r}, task={self.task!r}, "
+                f"batch_size={self.batch_size})")
+
+
+def _check_dm_control_task(name: str) -> tuple[str, str]:
+    """``(domain, task)`` of a DeepMind Control task name, or a clear error."""
+    if importlib.util.find_spec("dm_control") is None:
+        raise ImportError(
+            f"{name!r} is a DeepMind Control task but dm_control is not installed: "
+            "pip install 'torchrl_r2vpo[dmc]'."
+        )
+    from dm_control import suite
+
+    domain, task = parse_env_name(name)
+    if (domain, task) not in suite.ALL_TASKS:
+        known = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
+        raise ValueError(f"Unknown DeepMind Control task {name!r}. Known: {known}.")
+    return domain, task
+
+
+def _check_gymnasium(name: str) -> None:
+    if importlib.util.find_spec("gymnasium") is None:
+        raise ImportError(
+            f"{name!r} is a gymnasium id but gymnasium is not installed: "
+            "pip install 'torchrl_r2vpo[gym]'."
+        )
+
+
+def _gymnasium_batch(name: str, num_envs: int, seed: int | None, device) -> EnvBase:
+    """``num_envs`` gymnasium environments stepped together by gymnasium's ``SyncVectorEnv``
+    (without auto-reset: TorchRL resets the finished ones), one TensorDict per step; seeded
+    ``seed, seed + 1, ...`` (gymnasium's rule, also on :meth:`set_seed`)."""
+    _check_gymnasium(name)
+    import gymnasium
+
+    vector = gymnasium.vector.SyncVectorEnv(
+        [functools.partial(gymnasium.make, name)] * num_envs,
+        autoreset_mode=gymnasium.vector.AutoresetMode.DISABLED)
+    env = GymWrapper(vector, device=device)
+    if seed is not None:
+        env.set_seed(seed)
+    return env
+
+
 def _base_env(name: str, seed: int | None, device) -> EnvBase:
     domain, task = parse_env_name(name)
     if task is None:
-        if importlib.util.find_spec("gymnasium") is None:
-            raise ImportError(
-                f"{name!r} is a gymnasium id but gymnasium is not installed: "
-                "pip install 'torchrl_r2vpo[gym]'."
-            )
+        _check_gymnasium(name)
         env = GymEnv(name, device=device)
     else:
-        if importlib.util.find_spec("dm_control") is None:
-            raise ImportError(
-                f"{name!r} is a DeepMind Control task but dm_control is not installed: "
-                "pip install 'torchrl_r2vpo[dmc]'."
-            )
-        from dm_control import suite
-
-        if (domain, task) not in suite.ALL_TASKS:
-            known = ", ".join(f"{d}-{t}" for d, t in suite.ALL_TASKS)
-            raise ValueError(f"Unknown DeepMind Control task {name!r}. Known: {known}.")
-        env = FaultTolerantDMControlEnv(domain, task, device=device)
+        env = FaultTolerantDMControlEnv(*_check_dm_control_task(name), device=device)
     if seed is not None:
         env.set_seed(seed)
     return env
@@ -177,9 +330,10 @@ def make_env(
     """Builds a continuous-control environment with the usual TorchRL transforms.
 
     ``name`` is a DeepMind Control ``domain-task`` (``"walker-walk"``,
-    ``"cartpole-swingup_sparse"``) run through :class:`FaultTolerantDMControlEnv`,
+    ``"cartpole-swingup_sparse"``) run through :class:`FaultTolerantDMControlEnv`
+    (a batch: :class:`DMControlBatchEnv`, the same data in one loop),
     a gymnasium id (``"HalfCheetah-v5"``, ``"Pendulum-v1"``) run through
-    :class:`~torchrl.envs.GymEnv`, or a MuJoCo Playground task
+    :class:`~torchrl.envs.GymEnv` (a batch: gymnasium's ``SyncVectorEnv``), or a MuJoCo Playground task
     (``"playground:WalkerWalk"``, ``"playground:CartpoleSwingupSparse"``) run
     through :class:`PlaygroundEnv` (the ``playground`` extra): ``num_envs``
     environments simulated together by MJX in JAX, on the GPU where JAX has one,
@@ -204,7 +358,8 @@ def make_env(
             Playground environment always has the batch dimension).
         parallel (bool, optional): with ``num_envs > 1``, step them in
             subprocesses (:class:`~torchrl.envs.ParallelEnv`) instead of in this
-            process (:class:`~torchrl.envs.SerialEnv`). Defaults to ``False``.
+            process (:class:`DMControlBatchEnv` for DeepMind Control, gymnasium's
+            ``SyncVectorEnv`` for gymnasium). Defaults to ``False``.
         seed (int, optional): seeds the environment(s); batched environments get
             ``seed, seed + 1, ...``.
         device (torch.device, optional): where the environment's tensors live
@@ -226,12 +381,18 @@ def make_env(
             max_episode_steps = episode_steps  # Playground leaves the time limit to the trainer
     elif num_envs == 1:
         env = _base_env(name, seed, device)
-    else:
+    elif parallel:
         factories = [
             functools.partial(_base_env, name, None if seed is None else seed + i, device)
             for i in range(num_envs)
         ]
-        env = (ParallelEnv if parallel else SerialEnv)(num_envs, factories, device=device)
+        env = ParallelEnv(num_envs, factories, device=device)
+    elif parse_env_name(name)[1] is not None:  # DeepMind Control: one loop, one TensorDict
+        env = DMControlBatchEnv(*_check_dm_control_task(name), num_envs, device=device)
+        if seed is not None:
+            env.seed_each([seed + i for i in range(num_envs)])
+    else:  # gymnasium: its SyncVectorEnv, one TensorDict
+        env = _gymnasium_batch(name, num_envs, seed, device)
     observation_keys = [
         key for key in env.observation_spec.keys(True, True) if key != PHYSICS_ERROR_KEY
     ]
