@@ -18,7 +18,7 @@ CONTROL_DEFAULTS = dict(
     env="walker-walk", loss="r2vpo", frames=500_000, seed=0, device="cpu", compile=False,
     num_envs=16, num_workers=2, collector="process", frames_per_batch=4096, minibatch_size=256,
     epochs=10, lr=3e-4, gamma=0.99, gae_lambda=0.95, reward_scale=1.0, entropy_coeff=0.0,
-    critic_coeff=0.5, max_grad_norm=0.5, clip_epsilon=0.2, lagrange_multiplier=0.5,
+    critic_coeff=0.5, max_grad_norm=0.5, clip_epsilon=0.2, lagrange_multiplier=1.0,
     ratio_var_target=0.02, dual="fixed", dual_lr=1.0, reuse=0, ratio="proximal",
     max_behaviour_weight=2.0, weighted_variance=True, eval_every=50_000,
     eval_episodes=4, final_eval_episodes=16, checkpoint_every=50_000, time_limit=0.0, logger="csv",

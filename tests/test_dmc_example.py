@@ -66,7 +66,7 @@ def test_example_trains_and_writes_its_outputs(small_run):
     rows = read_curve(tmp_path)
     assert [int(r["frames"]) for r in rows] == [1024, 2048, 3072, 4096]
     assert rows[1]["eval_return"] and rows[-1]["eval_return"]
-    assert all(float(r["lagrange_multiplier"]) == 0.5 for r in rows)  # fixed dual by default
+    assert all(float(r["lagrange_multiplier"]) == 1.0 for r in rows)  # fixed dual by default
     assert float(rows[-1]["ratio_var"]) > 0
     assert 0 < float(rows[-1]["update_s"]) < float(rows[-1]["time_s"]) - float(rows[-2]["time_s"])
     assert (tmp_path / "curve.png").stat().st_size > 0

@@ -146,8 +146,9 @@ class ControlConfig:
     """gradient norm clip, for the actor and the critic separately"""
     clip_epsilon: Positive = 0.2
     """ppo: the clipping range; r2vpo: the range of its clip-fraction diagnostic"""
-    lagrange_multiplier: Coefficient = 0.5
-    """r2vpo: lambda (its initial value when --dual adaptive)"""
+    lagrange_multiplier: Coefficient = 1.0
+    """r2vpo: lambda (its initial value when --dual adaptive); 1.0 held at 500k and 1M frames
+    on walker-walk and cheetah-run, where 0.5 fell behind on walker-walk at 1M"""
     ratio_var_target: Coefficient = 0.02
     """r2vpo: delta, the variance target of --dual adaptive"""
     dual: Literal["fixed", "adaptive"] = "fixed"
