@@ -195,8 +195,10 @@ def final_starts(run_dir: Path, task: str, episodes: int) -> np.ndarray | None:
     from torchrl_r2vpo.envs import make_env
     from torchrl_r2vpo.recipes.control import episode_returns, load_actor
 
-    env = make_env(task, num_envs=episodes, seed=STARTS_SEED)
-    _, actor = load_actor(run_dir / "checkpoint.pt", env)
+    probe = make_env(task)  # the specs of the actor
+    cfg, actor = load_actor(run_dir / "checkpoint.pt", probe)
+    probe.close()
+    env = make_env(task, num_envs=episodes, seed=STARTS_SEED, frame_skip=cfg.frame_skip)
     start = time.perf_counter()
     returns = episode_returns(env, actor).numpy()
     env.close()

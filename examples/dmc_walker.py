@@ -17,8 +17,9 @@ environments simulated in JAX on ``--device``; collection, GAE and updates all s
 device, and the defaults become those of Playground's tuned Brax PPO configuration
 (``PLAYGROUND`` in the same module), for both losses; flags given on the command line still win.
 
-Each iteration collects ``--frames-per-batch`` frames, tags them with the policy version that
-collected them, and trains ``--epochs`` passes of minibatches over this batch and the
+Each iteration collects ``--frames-per-batch`` frames (simulator steps: with ``--frame-skip k``
+each action is repeated ``k`` times and the batch holds ``1/k`` as many transitions), tags them
+with the policy version that collected them, and trains ``--epochs`` passes of minibatches over this batch and the
 ``--reuse`` previous ones, with GAE recomputed by the current critic before each pass. With
 ``--reuse``, R2VPO constrains the ratio to the policy at the start of the update and weights
 stale data by pi_prox / pi_behaviour, truncated at ``--max-behaviour-weight``
@@ -85,10 +86,13 @@ def main(cfg: ControlConfig) -> dict:
     if cfg.playground:  # one batch of environments on the device, for training and evaluation
         env = eval_env = make_env(cfg.env, num_envs=cfg.num_envs, seed=cfg.seed, device=device)
     else:  # the collector builds its own; these are seeded at each evaluation
-        env, eval_env = None, make_env(cfg.env, num_envs=cfg.eval_episodes)
+        env, eval_env = None, make_env(cfg.env, num_envs=cfg.eval_episodes,
+                                       frame_skip=cfg.frame_skip)
     obs_dim = eval_env.observation_spec["observation"].shape[-1]
     act_dim = eval_env.action_spec.shape[-1]
-    actor, critic, obs_norm = make_agent(eval_env, obs_dim, act_dim)
+    actor, critic, obs_norm = make_agent(eval_env, obs_dim, act_dim,
+                                         initial_scale=cfg.initial_scale,
+                                         state_independent_scale=cfg.state_independent_scale)
     actor.to(device)
     critic.to(device)
     loss, scheduler = make_loss(cfg, actor, critic)
@@ -98,7 +102,8 @@ def main(cfg: ControlConfig) -> dict:
     # the last K+1 collected batches, each tagged with the policy version that collected it
     history = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.reuse + 1, device=device))
     minibatches = TensorDictReplayBuffer(
-        storage=LazyTensorStorage((cfg.reuse + 1) * cfg.frames_per_batch, device=device),
+        storage=LazyTensorStorage((cfg.reuse + 1) * cfg.frames_per_batch // cfg.frame_skip,
+                                  device=device),
         sampler=SamplerWithoutReplacement(drop_last=True), batch_size=cfg.minibatch_size)
 
     # --- resume -------------------------------------------------------------------------
@@ -138,7 +143,8 @@ def main(cfg: ControlConfig) -> dict:
         if cfg.playground:
             returns = episode_returns(env, actor)
         else:  # the starts of the evaluation it replaces, and more
-            final_env = make_env(cfg.env, num_envs=cfg.final_eval_episodes)
+            final_env = make_env(cfg.env, num_envs=cfg.final_eval_episodes,
+                                 frame_skip=cfg.frame_skip)
             try:
                 final_env.set_seed(eval_seed(cfg, frames))
                 returns = episode_returns(final_env, actor)
@@ -200,7 +206,8 @@ def main(cfg: ControlConfig) -> dict:
             obs_norm.update(data["observation"])  # after training: data and update agree
             collector.update_policy_weights_()
             version += 1
-            frames += data.numel()
+            batch_frames = data.numel() * cfg.frame_skip  # simulator steps
+            frames += batch_frames
 
             # --- metrics, evaluation, checkpoint --------------------------------------------
             returns = data["next", "episode_reward"][data["next", "done"]]
@@ -208,7 +215,7 @@ def main(cfg: ControlConfig) -> dict:
             time_s = time_before + now - start
             row = curve_row(CURVE_FIELDS, mean_metrics(metrics), frames=frames,
                             time_s=round(time_s, 2),
-                            fps=round(data.numel() / (now - iteration_start), 1),
+                            fps=round(batch_frames / (now - iteration_start), 1),
                             update_s=round(update_s, 3), lr=lr,
                             skipped_steps=skipped,
                             physics_errors=data.get(("next", "physics_error"), torch.zeros(())).sum().item(),
@@ -230,7 +237,7 @@ def main(cfg: ControlConfig) -> dict:
                 last_state = state()
                 if checkpoint_due(frames, force=stop):
                     save_checkpoint(ckpt_path, last_state)
-            pbar.update(data.numel())
+            pbar.update(batch_frames)
             pbar.set_postfix(fps=row["fps"], ret=str(recent),
                              eval=f"{eval_return:.1f}", lam=row["lagrange_multiplier"] or "-",
                              var=f"{row['ratio_var']:.4f}" if row["ratio_var"] != "" else "-")
@@ -265,7 +272,8 @@ def main(cfg: ControlConfig) -> dict:
     elif cfg.playground:
         video = "no video for Playground tasks"
     else:
-        video = try_record_video(cfg.env, actor, out / "policy.gif", cfg.seed, gl_problem)
+        video = try_record_video(cfg.env, actor, out / "policy.gif", cfg.seed, gl_problem,
+                                 cfg.frame_skip)
     print(f"final evaluation return: mean {mean:.1f}, median {median:.1f} from "
           f"{final_returns.numel()} starts after {frames} frames")
     print(f"curve: {curve_path}, plot: {out / 'curve.png'}, checkpoint: {ckpt_path}")

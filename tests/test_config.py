@@ -16,9 +16,11 @@ from torchrl_r2vpo.recipes.config import (ConfigError, ControlConfig, flag, LLMC
 # the flags and defaults of the examples before their settings moved here: they stay
 CONTROL_DEFAULTS = dict(
     env="walker-walk", loss="r2vpo", frames=500_000, seed=0, device="cpu", compile=False,
-    num_envs=16, num_workers=2, collector="process", frames_per_batch=4096, minibatch_size=256,
+    num_envs=16, num_workers=2, collector="process", frames_per_batch=4096, frame_skip=1,
+    minibatch_size=256,
     epochs=10, lr=3e-4, gamma=0.99, gae_lambda=0.95, reward_scale=1.0, entropy_coeff=0.0,
-    critic_coeff=0.5, max_grad_norm=0.5, clip_epsilon=0.2, lagrange_multiplier=1.0,
+    initial_scale=1.0, state_independent_scale=False, critic_coeff=0.5, max_grad_norm=0.5,
+    clip_epsilon=0.2, lagrange_multiplier=1.0,
     ratio_var_target=0.02, dual="fixed", dual_lr=1.0, reuse=0, ratio="proximal",
     max_behaviour_weight=2.0, weighted_variance=True, eval_every=50_000,
     eval_episodes=4, final_eval_episodes=16, checkpoint_every=50_000, time_limit=0.0, logger="csv",
@@ -37,13 +39,14 @@ LLM_DEFAULTS = dict(
 # a value out of range for every numeric flag: (settings, field, value, what the error says)
 BAD = [(ControlConfig, name, value, message) for name, value, message in [
     ("frames", "0", ">= 1"), ("seed", "-1", ">= 0"), ("num_envs", "0", ">= 1"),
-    ("num_workers", "0", ">= 1"), ("frames_per_batch", "0", ">= 1"),
+    ("num_workers", "0", ">= 1"), ("frames_per_batch", "0", ">= 1"), ("frame_skip", "0", ">= 1"),
     ("minibatch_size", "0", ">= 1"), ("epochs", "0", ">= 1"), ("lr", "0", "> 0"),
     ("lr", "-3e-4", "> 0"), ("lr", "nan", "finite"), ("lr", "inf", "finite"),
     ("gamma", "1.5", "in [0, 1]"), ("gamma", "-0.1", "in [0, 1]"),
     ("gae_lambda", "1.01", "in [0, 1]"), ("reward_scale", "0", "> 0"),
     ("entropy_coeff", "-0.01", ">= 0"), ("entropy_coeff", "inf", "finite"),
-    ("critic_coeff", "-1", ">= 0"), ("max_grad_norm", "-1", "> 0"), ("max_grad_norm", "0", "> 0"),
+    ("initial_scale", "0", "> 0"), ("critic_coeff", "-1", ">= 0"), ("max_grad_norm", "-1", "> 0"),
+    ("max_grad_norm", "0", "> 0"),
     ("clip_epsilon", "0", "> 0"), ("lagrange_multiplier", "-0.5", ">= 0"),
     ("lagrange_multiplier", "nan", "finite"), ("ratio_var_target", "-0.02", ">= 0"),
     ("dual_lr", "-1", ">= 0"), ("reuse", "-1", ">= 0"), ("max_behaviour_weight", "-1", ">= 0"),
@@ -144,8 +147,16 @@ def test_playground_preset_is_shared_and_flags_given_win():
 
 @pytest.mark.parametrize("config_cls, args, message", [
     (ControlConfig, ["--device", "cuda"], "for playground: environments"),
-    (ControlConfig, ["--num-envs", "24"], "multiple of --num-envs x --num-workers = 48"),
-    (ControlConfig, ["--minibatch-size", "8192"], "--minibatch-size must be in [1, --frames-per-batch"),
+    (ControlConfig, ["--num-envs", "24"],
+     "multiple of --num-envs x --num-workers x --frame-skip = 48"),
+    (ControlConfig, ["--frame-skip", "3"],
+     "multiple of --num-envs x --num-workers x --frame-skip = 96"),
+    (ControlConfig, ["--minibatch-size", "8192"], "--minibatch-size must be in [1, 4096]"),
+    (ControlConfig, ["--frame-skip", "8", "--minibatch-size", "1024"],
+     "--minibatch-size must be in [1, 512], the transitions of --frames-per-batch 4096 / "
+     "--frame-skip 8"),
+    (ControlConfig, ["--env", "playground:CartpoleSwingupSparse", "--frame-skip", "2"],
+     "Playground tasks set their own control step"),
     (ControlConfig, ["--collector", "ray", "--num-workers", "1"], "--collector ray runs --num-workers >= 2"),
     (ControlConfig, ["--env", "playground:WalkerWalk", "--collector", "ray", "--num-workers", "2"],
      "Playground's batch, collect in this process"),

@@ -90,10 +90,11 @@ class TestEnvFactory:
         assert td["step_count"][4].item() == 0 and td["is_init"][4].item()
 
 
-def serial_env(domain: str, task: str, num_envs: int, seed: int) -> TransformedEnv:
+def serial_env(domain: str, task: str, num_envs: int, seed: int, frame_skip: int = 1
+               ) -> TransformedEnv:
     """The SerialEnv of FaultTolerantDMControlEnv that DMControlBatchEnv stands in for."""
     def factory(i):
-        env = FaultTolerantDMControlEnv(domain, task)
+        env = FaultTolerantDMControlEnv(domain, task, frame_skip=frame_skip)
         env.set_seed(seed + i)
         return env
     env = SerialEnv(num_envs, [lambda i=i: factory(i) for i in range(num_envs)])
@@ -107,13 +108,17 @@ class TestDMControlBatchEnv:
         assert isinstance(make_env("walker-walk", num_envs=2).base_env, DMControlBatchEnv)
         assert isinstance(make_env("walker-walk", num_envs=2, parallel=True).base_env, ParallelEnv)
 
-    @pytest.mark.parametrize("name", ["cartpole-swingup_sparse", "walker-walk"])
-    def test_same_data_as_a_serial_env_across_an_episode_end(self, name):
+    @pytest.mark.parametrize("name, frame_skip", [
+        ("cartpole-swingup_sparse", 1), ("walker-walk", 1), ("cartpole-swingup_sparse", 3)])
+    def test_same_data_as_a_serial_env_across_an_episode_end(self, name, frame_skip):
         """Same seeds, same actions: every entry equal, through the time limit's partial
-        resets (cartpole: 1000 steps) and after reseeding."""
+        resets (cartpole: 1000 simulator steps, 334 actions of 3 steps, the last cut to
+        one) and after reseeding."""
         domain, task = parse_env_name(name)
-        ours, serial = make_env(name, num_envs=3, seed=5), serial_env(domain, task, 3, seed=5)
-        steps = 1003 if domain == "cartpole" else 20
+        ours = make_env(name, num_envs=3, seed=5, frame_skip=frame_skip)
+        serial = serial_env(domain, task, 3, seed=5, frame_skip=frame_skip)
+        episode = -(-1000 // frame_skip)  # actions per cartpole episode
+        steps = episode + 3 if domain == "cartpole" else 20
         for _ in range(2):
             torch.manual_seed(0)
             a = ours.rollout(steps, break_when_any_done=False)
@@ -125,7 +130,37 @@ class TestDMControlBatchEnv:
                 torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
             assert ours.set_seed(7) == serial.set_seed(7)  # the same chain of seeds
         if domain == "cartpole":
-            assert a["next", "truncated"].sum() == 3 and a["is_init"][:, 1000].all()
+            assert a["next", "truncated"].sum() == 3 and a["is_init"][:, episode].all()
+
+    def test_frame_skip_repeats_the_action_and_sums_the_rewards(self):
+        """Each action is applied frame_skip times: the state of 4 single steps, their
+        rewards summed; a 1000-step episode is 250 actions, in one environment too."""
+        skip, single = make_env("cartpole-balance", num_envs=2, seed=3, frame_skip=4), \
+            make_env("cartpole-balance", num_envs=2, seed=3)
+        actions = torch.rand(5, 2, 1) * 2 - 1
+        td_skip, td_single = skip.reset(), single.reset()
+        for action in actions:
+            td_skip["action"] = action
+            td_skip = skip.step(td_skip)
+            reward = 0
+            for _ in range(4):
+                td_single["action"] = action
+                td_single = single.step(td_single)
+                reward = reward + td_single["next", "reward"]
+                td_single = td_single["next"].exclude("reward", "episode_reward")
+            torch.testing.assert_close(td_skip["next", "observation"], td_single["observation"],
+                                       rtol=0, atol=0)
+            torch.testing.assert_close(td_skip["next", "reward"], reward)
+            td_skip = td_skip["next"]
+        for env in (make_env("cartpole-balance", frame_skip=4, seed=0),
+                    make_env("cartpole-balance", num_envs=2, frame_skip=4, seed=0)):
+            assert env.rollout(1000, break_when_any_done=True)["next", "done"].shape[-2] == 250
+
+    def test_bad_frame_skip_is_refused(self):
+        with pytest.raises(ValueError, match="frame_skip must be >= 1, got 0"):
+            make_env("cartpole-balance", frame_skip=0)
+        with pytest.raises(ValueError, match="Playground tasks .* set their own control step"):
+            make_env("playground:CartpoleBalance", frame_skip=2)
 
     def test_physics_error_ends_only_that_episode(self):
         """Environment 1 faults at its 4th step and is reset alone; environment 0 goes on."""
@@ -143,21 +178,25 @@ class TestDMControlBatchEnv:
 
 
 class TestGymnasiumBatch:
-    def test_same_data_as_a_serial_env_across_an_episode_end(self):
+    @pytest.mark.parametrize("frame_skip", [1, 3])
+    def test_same_data_as_a_serial_env_across_an_episode_end(self, frame_skip):
         """gymnasium's SyncVectorEnv, auto-reset off: the data of a SerialEnv of GymEnv seeded
-        seed + i, through Pendulum's 200-step time limit."""
-        ours = make_env("Pendulum-v1", num_envs=3, seed=5)
+        seed + i, through Pendulum's 200-step time limit (67 actions of 3 steps, the last
+        cut to two)."""
+        ours = make_env("Pendulum-v1", num_envs=3, seed=5, frame_skip=frame_skip)
         assert isinstance(ours.base_env, GymWrapper) and ours.batch_size == (3,)
-        serial = TransformedEnv(SerialEnv(3, [lambda i=i: seeded(GymEnv("Pendulum-v1"), 5 + i)
-                                              for i in range(3)]), ours.transform.clone())
+        serial = TransformedEnv(
+            SerialEnv(3, [lambda i=i: seeded(GymEnv("Pendulum-v1", frame_skip=frame_skip), 5 + i)
+                          for i in range(3)]), ours.transform.clone())
+        episode = -(-200 // frame_skip)
         torch.manual_seed(0)
-        a = ours.rollout(203, break_when_any_done=False)
+        a = ours.rollout(episode + 3, break_when_any_done=False)
         torch.manual_seed(0)
-        b = serial.rollout(203, break_when_any_done=False)
+        b = serial.rollout(episode + 3, break_when_any_done=False)
         assert set(a.keys(True, True)) == set(b.keys(True, True))
         for key in a.keys(True, True):
             torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=str(key))
-        assert a["next", "truncated"].sum() == 3 and a["is_init"][:, 200].all()
+        assert a["next", "truncated"].sum() == 3 and a["is_init"][:, episode].all()
 
     def test_set_seed_reproduces_the_starts(self):
         env = make_env("Pendulum-v1", num_envs=2)

@@ -333,6 +333,55 @@ def test_a_checkpoint_reloads_the_policy_its_final_evaluation_measured(tmp_path)
     assert not torch.equal(earlier, returns)
 
 
+@pytest.mark.timeout(180)
+def test_frame_skip_counts_simulator_steps_and_evaluates_with_the_same_repeat(tmp_path):
+    """--frame-skip 4: batches of 1024 simulator steps are 256 transitions; the final
+    evaluation and a reloaded checkpoint step the environments with the same repeat, and
+    the 64-start benchmark evaluation reads it from the checkpoint (with the run's actor: a
+    state-independent scale here)."""
+    result = run_example("--env", "cartpole-swingup", "--frame-skip", "4", "--frames", "2048",
+                         "--eval-every", "100000", "--minibatch-size", "128",
+                         "--state-independent-scale", "--initial-scale", "2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_curve(tmp_path)
+    assert [int(r["frames"]) for r in rows] == [1024, 2048]
+    counts = [v for k, v in read_checkpoint(tmp_path / "checkpoint.pt")["loss"].items()
+              if k.endswith("count")]  # the observation normaliser saw every transition once
+    assert counts and all(int(count) == 2 * 256 for count in counts)
+    env = make_env("cartpole-swingup", num_envs=2, frame_skip=4)
+    cfg, actor = control.load_actor(tmp_path / "checkpoint.pt", env)
+    assert cfg.frame_skip == 4 and cfg.state_independent_scale
+    env.set_seed(control.eval_seed(cfg, 2048))
+    saved = torch.tensor([float(r["return"]) for r in read_final_eval(tmp_path)])
+    torch.testing.assert_close(control.episode_returns(env, actor), saved)
+    unskipped = make_env("cartpole-swingup", num_envs=2)
+    unskipped.set_seed(control.eval_seed(cfg, 2048))
+    assert not torch.equal(control.episode_returns(unskipped, actor), saved)
+    spec = importlib.util.spec_from_file_location(
+        "dmc_compare", EXAMPLE.parents[1] / "benchmarks" / "dmc_compare.py")
+    dmc_compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dmc_compare)
+    env = make_env("cartpole-swingup", num_envs=2, frame_skip=4, seed=dmc_compare.STARTS_SEED)
+    starts = dmc_compare.final_starts(tmp_path, "cartpole-swingup", 2)
+    torch.testing.assert_close(torch.as_tensor(starts, dtype=torch.float32),
+                               control.episode_returns(env, actor))
+
+
+@pytest.mark.parametrize("independent", [False, True])
+def test_the_actor_explores_with_its_initial_scale(independent):
+    env = make_env("cartpole-balance", num_envs=64, seed=0)
+    actor, _, _ = control.make_agent(env, 5, 1, initial_scale=2.5,
+                                     state_independent_scale=independent)
+    scale = actor(env.reset())["scale"]
+    assert scale.shape == (64, 1)
+    if independent:  # one parameter, exp(log 2.5), whatever the state
+        assert scale.unique().tolist() == [pytest.approx(2.5)]
+        assert dict(actor.named_parameters()).keys() & {
+            "module.0.module.2.state_independent_scale"}
+    else:  # softplus(x + b) of the network's output x, small at initialisation
+        assert scale.std() > 0 and scale.mean().item() == pytest.approx(2.5, rel=0.15)
+
+
 def test_compiled_step_is_static_and_its_optimiser_resumes_an_eager_one(monkeypatch):
     action = Bounded(-1.0, 1.0, shape=(2,))  # what make_agent reads of an env
     spec = SimpleNamespace(full_action_spec_unbatched=Composite(action=action),

@@ -54,6 +54,7 @@ def record_rollout_gif(
     path: str | Path,
     *,
     seed: int | None = None,
+    frame_skip: int = 1,
     max_steps: int = 1000,
     every: int = 4,
     height: int = 120,
@@ -61,6 +62,8 @@ def record_rollout_gif(
 ) -> int:
     """Rolls ``policy`` out in a fresh ``name`` environment and saves every ``every``-th frame as a GIF.
 
+    ``frame_skip`` is the policy's action repeat (:func:`~torchrl_r2vpo.envs.make_env`): a
+    frame is rendered after every ``every``-th action, and the GIF plays in real time.
     Raises whatever the renderer raises when MuJoCo cannot render offscreen
     (see :func:`select_mujoco_gl`).
 
@@ -71,7 +74,7 @@ def record_rollout_gif(
 
     if name.startswith(PLAYGROUND_PREFIX):
         raise ValueError(f"record_rollout_gif renders dm_control and gymnasium environments, not {name!r}.")
-    env = make_env(name, seed=seed)
+    env = make_env(name, seed=seed, frame_skip=frame_skip)
     try:
         base = env.base_env
         if isinstance(base, DMControlEnv):
@@ -80,18 +83,19 @@ def record_rollout_gif(
             def render():
                 return physics.render(height, width, camera_id=0)
 
-            frame_seconds = physics.timestep() * base._env._n_sub_steps
+            frame_seconds = physics.timestep() * base._env._n_sub_steps * frame_skip
         else:  # gymnasium: rebuild with an rgb_array renderer
             try:  # MuJoCo environments take the frame size, classic control ones do not
-                gym_env = GymEnv(name, render_mode="rgb_array", width=width, height=height)
+                gym_env = GymEnv(name, render_mode="rgb_array", width=width, height=height,
+                                 frame_skip=frame_skip)
             except TypeError:
-                gym_env = GymEnv(name, render_mode="rgb_array")
+                gym_env = GymEnv(name, render_mode="rgb_array", frame_skip=frame_skip)
             plain, env = env, TransformedEnv(gym_env, env.transform.clone())
             plain.close()
             if seed is not None:
                 env.set_seed(seed)
             render = env.base_env._env.render
-            frame_seconds = getattr(env.base_env._env.unwrapped, "dt", 0.05)
+            frame_seconds = getattr(env.base_env._env.unwrapped, "dt", 0.05) * frame_skip
 
         start = env.reset()  # gymnasium renders only after a reset; the GIF starts from this state
         frames = [render()]

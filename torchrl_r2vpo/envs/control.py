@@ -161,7 +161,9 @@ class DMControlBatchEnv(EnvBase):
     simulation became unstable (the episode then ends as a truncation, as in
     :class:`FaultTolerantDMControlEnv`). Seeds follow a ``SerialEnv``'s
     (:meth:`set_seed`). Partial resets
-    (``"_reset"``) reset only the flagged environments.
+    (``"_reset"``) reset only the flagged environments. With ``frame_skip = k``
+    each action is applied for ``k`` simulator steps (fewer where the episode
+    ends), and the reward is their sum, as ``DMControlEnv(frame_skip=k)`` does.
 
     Args:
         domain (str): the dm_control domain (``"walker"``).
@@ -169,6 +171,7 @@ class DMControlBatchEnv(EnvBase):
         num_envs (int): the batch size.
 
     Keyword Args:
+        frame_skip (int, optional): simulator steps per action. Defaults to ``1``.
         device (torch.device, optional): where the tensors live. Defaults to the CPU.
 
     Examples:
@@ -178,11 +181,16 @@ class DMControlBatchEnv(EnvBase):
         torch.Size([3, 4, 5])
     """
 
-    def __init__(self, domain: str, task: str, num_envs: int, *, device=None):
+    _has_frame_skip = True  # its _step repeats the action (no FrameSkipTransform on top)
+
+    def __init__(self, domain: str, task: str, num_envs: int, *, frame_skip: int = 1,
+                 device=None):
         from dm_control import suite
 
+        if frame_skip < 1:
+            raise ValueError(f"frame_skip must be >= 1, got {frame_skip}.")
         super().__init__(batch_size=torch.Size([num_envs]), device=device)
-        self.domain, self.task = domain, task
+        self.domain, self.task, self.frame_skip = domain, task, frame_skip
         self._envs = [_PhysicsFaultGuard(suite.load(domain, task)) for _ in range(num_envs)]
         self._keys = sorted(self._envs[0].observation_spec())
         obs_dim = sum(int(np.prod(spec.shape)) for spec in self._envs[0].observation_spec().values())
@@ -221,9 +229,14 @@ class DMControlBatchEnv(EnvBase):
         actions = tensordict["action"].detach().cpu().double().numpy()
         terminated, truncated, faulted = self._flags
         for i, env in enumerate(self._envs):
-            timestep = env.step(actions[i])
+            reward = 0.0
+            for _ in range(self.frame_skip):
+                timestep = env.step(actions[i])
+                reward += timestep.reward or 0.0
+                if timestep.last():
+                    break
             self._write_observation(i, timestep.observation)
-            self._reward[i] = timestep.reward or 0.0
+            self._reward[i] = reward
             last = timestep.last()
             truncated[i] = last and bool(np.isclose(timestep.discount, 1))
             terminated[i] = last and not truncated[i]
@@ -263,7 +276,7 @@ class DMControlBatchEnv(EnvBase):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(domain={self.domain!r}, task={self.task!r}, "
-                f"batch_size={self.batch_size})")
+                f"frame_skip={self.frame_skip}, batch_size={self.batch_size})")
 
 
 def _check_dm_control_task(name: str) -> tuple[str, str]:
@@ -290,7 +303,39 @@ def _check_gymnasium(name: str) -> None:
         )
 
 
-def _gymnasium_batch(name: str, num_envs: int, seed: int | None, device) -> EnvBase:
+@functools.cache
+def _action_repeat_wrapper() -> type:
+    """A gymnasium wrapper that applies each action ``frame_skip`` times (fewer where the
+    episode ends) and returns the summed reward: ``GymEnv(frame_skip=k)`` for one
+    environment of a ``SyncVectorEnv``."""
+    import gymnasium
+
+    class ActionRepeat(gymnasium.Wrapper):
+        def __init__(self, env, frame_skip: int):
+            super().__init__(env)
+            self.frame_skip = frame_skip
+
+        def step(self, action):
+            reward = 0.0
+            for _ in range(self.frame_skip):
+                observation, step_reward, terminated, truncated, info = self.env.step(action)
+                reward += step_reward
+                if terminated or truncated:
+                    break
+            return observation, reward, terminated, truncated, info
+
+    return ActionRepeat
+
+
+def _gymnasium_make(name: str, frame_skip: int):
+    import gymnasium
+
+    env = gymnasium.make(name)
+    return env if frame_skip == 1 else _action_repeat_wrapper()(env, frame_skip)
+
+
+def _gymnasium_batch(name: str, num_envs: int, seed: int | None, frame_skip: int,
+                     device) -> EnvBase:
     """``num_envs`` gymnasium environments stepped together by gymnasium's ``SyncVectorEnv``
     (without auto-reset: TorchRL resets the finished ones), one TensorDict per step; seeded
     ``seed, seed + 1, ...`` (gymnasium's rule, also on :meth:`set_seed`)."""
@@ -298,7 +343,7 @@ def _gymnasium_batch(name: str, num_envs: int, seed: int | None, device) -> EnvB
     import gymnasium
 
     vector = gymnasium.vector.SyncVectorEnv(
-        [functools.partial(gymnasium.make, name)] * num_envs,
+        [functools.partial(_gymnasium_make, name, frame_skip)] * num_envs,
         autoreset_mode=gymnasium.vector.AutoresetMode.DISABLED)
     env = GymWrapper(vector, device=device)
     if seed is not None:
@@ -306,13 +351,14 @@ def _gymnasium_batch(name: str, num_envs: int, seed: int | None, device) -> EnvB
     return env
 
 
-def _base_env(name: str, seed: int | None, device) -> EnvBase:
+def _base_env(name: str, seed: int | None, frame_skip: int, device) -> EnvBase:
     domain, task = parse_env_name(name)
     if task is None:
         _check_gymnasium(name)
-        env = GymEnv(name, device=device)
+        env = GymEnv(name, frame_skip=frame_skip, device=device)
     else:
-        env = FaultTolerantDMControlEnv(*_check_dm_control_task(name), device=device)
+        env = FaultTolerantDMControlEnv(*_check_dm_control_task(name), frame_skip=frame_skip,
+                                        device=device)
     if seed is not None:
         env.set_seed(seed)
     return env
@@ -324,6 +370,7 @@ def make_env(
     num_envs: int = 1,
     parallel: bool = False,
     seed: int | None = None,
+    frame_skip: int = 1,
     device: torch.device | str | None = None,
     max_episode_steps: int | None = None,
 ) -> TransformedEnv:
@@ -362,6 +409,10 @@ def make_env(
             ``SyncVectorEnv`` for gymnasium). Defaults to ``False``.
         seed (int, optional): seeds the environment(s); batched environments get
             ``seed, seed + 1, ...``.
+        frame_skip (int, optional): simulator steps per action (action repeat): each
+            action is applied ``frame_skip`` times, or until the episode ends, and the
+            step's reward is the sum (TorchRL's ``frame_skip``). Not for Playground tasks,
+            whose control step is part of the task. Defaults to ``1``.
         device (torch.device, optional): where the environment's tensors live
             (``"cuda"`` for Playground on a GPU). Defaults to the CPU.
         max_episode_steps (int, optional): truncation horizon added on top of the
@@ -375,24 +426,31 @@ def make_env(
     """
     if num_envs < 1:
         raise ValueError(f"num_envs must be >= 1, got {num_envs}.")
+    if frame_skip < 1:
+        raise ValueError(f"frame_skip must be >= 1, got {frame_skip}.")
     if name.startswith(PLAYGROUND_PREFIX):
+        if frame_skip != 1:
+            raise ValueError(f"frame_skip={frame_skip}: Playground tasks ({name!r}) set their "
+                             "own control step; use frame_skip=1.")
         env, episode_steps = playground_env(name, num_envs, seed, device)
         if max_episode_steps is None or max_episode_steps > episode_steps:
             max_episode_steps = episode_steps  # Playground leaves the time limit to the trainer
     elif num_envs == 1:
-        env = _base_env(name, seed, device)
+        env = _base_env(name, seed, frame_skip, device)
     elif parallel:
         factories = [
-            functools.partial(_base_env, name, None if seed is None else seed + i, device)
+            functools.partial(_base_env, name, None if seed is None else seed + i, frame_skip,
+                              device)
             for i in range(num_envs)
         ]
         env = ParallelEnv(num_envs, factories, device=device)
     elif parse_env_name(name)[1] is not None:  # DeepMind Control: one loop, one TensorDict
-        env = DMControlBatchEnv(*_check_dm_control_task(name), num_envs, device=device)
+        env = DMControlBatchEnv(*_check_dm_control_task(name), num_envs,
+                                frame_skip=frame_skip, device=device)
         if seed is not None:
             env.seed_each([seed + i for i in range(num_envs)])
     else:  # gymnasium: its SyncVectorEnv, one TensorDict
-        env = _gymnasium_batch(name, num_envs, seed, device)
+        env = _gymnasium_batch(name, num_envs, seed, frame_skip, device)
     observation_keys = [
         key for key in env.observation_spec.keys(True, True) if key != PHYSICS_ERROR_KEY
     ]

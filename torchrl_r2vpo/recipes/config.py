@@ -125,7 +125,11 @@ class ControlConfig:
     collector: Literal["process", "ray"] = "process"
     """where the --num-workers collectors run: local processes or Ray actors"""
     frames_per_batch: Count = 4096
-    """frames collected per iteration, a multiple of --num-envs x --num-workers"""
+    """frames collected per iteration, a multiple of --num-envs x --num-workers x
+    --frame-skip"""
+    frame_skip: Count = 1
+    """simulator steps per action (action repeat), rewards summed; --frames, --frames-per-batch,
+    --eval-every and --checkpoint-every count simulator steps, --minibatch-size transitions"""
     minibatch_size: Count = 256
     """transitions per optimiser step"""
     epochs: Count = 10
@@ -140,6 +144,11 @@ class ControlConfig:
     """rewards are multiplied by this for the critic and GAE (the returns reported are not)"""
     entropy_coeff: Coefficient = 0.0
     """coefficient of the entropy bonus"""
+    initial_scale: Positive = 1.0
+    """the actor's Gaussian scale (before the tanh) at initialisation: the exploration noise"""
+    state_independent_scale: bool = False
+    """the actor's scale is one learnt parameter per action dimension (CleanRL's and TorchRL's
+    PPO), not a second output of its network"""
     critic_coeff: Coefficient = 0.5
     """coefficient of the critic's L2 loss"""
     max_grad_norm: Positive = 0.5
@@ -213,13 +222,19 @@ class ControlConfig:
             raise ConfigError(f"--device {self.device} is for playground: environments; "
                               "dm_control and gymnasium simulate on the CPU, and the example "
                               "trains them there.")
-        per_batch = self.num_envs * self.num_workers  # the collector's batches are whole steps
+        # the collector's batches are whole steps of every environment
+        per_batch = self.num_envs * self.num_workers * self.frame_skip
         if self.frames_per_batch % per_batch:
             raise ConfigError(f"--frames-per-batch {self.frames_per_batch} must be a multiple "
-                              f"of --num-envs x --num-workers = {per_batch}.")
-        if self.minibatch_size > self.frames_per_batch:
-            raise ConfigError(f"--minibatch-size must be in [1, --frames-per-batch "
-                              f"{self.frames_per_batch}], got {self.minibatch_size}.")
+                              f"of --num-envs x --num-workers x --frame-skip = {per_batch}.")
+        transitions = self.frames_per_batch // self.frame_skip
+        if self.minibatch_size > transitions:
+            raise ConfigError(f"--minibatch-size must be in [1, {transitions}], the transitions "
+                              f"of --frames-per-batch {self.frames_per_batch} / --frame-skip "
+                              f"{self.frame_skip}, got {self.minibatch_size}.")
+        if self.frame_skip > 1 and self.playground:
+            raise ConfigError("--frame-skip is for dm_control and gymnasium environments; "
+                              "Playground tasks set their own control step.")
         check_behaviour_weight(self.max_behaviour_weight)
         if self.collector == "ray" and (self.num_workers < 2 or self.playground):
             raise ConfigError("--collector ray runs --num-workers >= 2 workers as Ray actors; "

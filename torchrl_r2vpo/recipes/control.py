@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from tensordict import TensorDict
-from tensordict.nn import NormalParamExtractor, TensorDictModule
+from tensordict.nn import AddStateIndependentNormalScale, NormalParamExtractor, TensorDictModule
 from torch import nn
 from torchrl.collectors import Collector, MultiSyncCollector
 from torchrl.envs import EnvBase, ExplorationType, set_exploration_type
@@ -67,18 +67,30 @@ RAY_WORKER = {"num_cpus": 1, "num_gpus": 0}
 EVAL_SEED = 10_000_000
 
 
-def make_agent(env: EnvBase, obs_dim: int, act_dim: int
+def make_agent(env: EnvBase, obs_dim: int, act_dim: int, *, initial_scale: float = 1.0,
+               state_independent_scale: bool = False
                ) -> tuple[ProbabilisticActor, ValueOperator, RunningObservationNorm]:
     """A tanh-Gaussian actor and a value critic, MLPs of two hidden layers of 64 tanh units,
     sharing one observation normaliser (returned too: the training loop updates it).
 
     ``env`` gives the action spec (``full_action_spec_unbatched`` and
-    ``action_spec_unbatched``, whose bounds the tanh maps to).
+    ``action_spec_unbatched``, whose bounds the tanh maps to). The Gaussian's scale (before
+    the tanh) starts at ``initial_scale``; it is a second output of the actor network
+    (``softplus(x + b)``, ``b`` chosen so that ``x = 0`` gives ``initial_scale``), or with
+    ``state_independent_scale`` one learnt parameter per action dimension, ``exp(s)`` with
+    ``s = log(initial_scale)`` at first (TorchRL's ``AddStateIndependentNormalScale``, as in
+    CleanRL's and TorchRL's PPO).
     """
     obs_norm = RunningObservationNorm(obs_dim)
     hidden = dict(num_cells=[64, 64], activation_class=nn.Tanh)
-    actor_net = nn.Sequential(obs_norm, MLP(obs_dim, 2 * act_dim, **hidden),
-                              NormalParamExtractor(scale_lb=1e-4))
+    if state_independent_scale:
+        actor_net = nn.Sequential(obs_norm, MLP(obs_dim, act_dim, **hidden),
+                                  AddStateIndependentNormalScale(
+                                      act_dim, scale_lb=1e-4, init_value=math.log(initial_scale)))
+    else:
+        actor_net = nn.Sequential(obs_norm, MLP(obs_dim, 2 * act_dim, **hidden),
+                                  NormalParamExtractor(f"biased_softplus_{initial_scale!r}",
+                                                       scale_lb=1e-4))
     actor = ProbabilisticActor(
         TensorDictModule(actor_net, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"],
@@ -151,7 +163,8 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 def make_collector(cfg: ControlConfig, actor: ProbabilisticActor, total_frames: int, seed: int,
                    env: EnvBase | None = None) -> Collector | MultiSyncCollector:
     """A collector of ``cfg.frames_per_batch`` frames per batch, whole batches up to
-    ``total_frames``.
+    ``total_frames``; frames are simulator steps, ``cfg.frame_skip`` of them per collected
+    transition.
 
     It steps ``env`` in this process on ``cfg.device`` if given (Playground's batch), else
     builds ``cfg.num_workers`` batches of ``cfg.num_envs`` environments: in this process, in
@@ -164,11 +177,11 @@ def make_collector(cfg: ControlConfig, actor: ProbabilisticActor, total_frames: 
         ImportError: ``cfg.collector="ray"`` without ray installed.
     """
     env_fns = [functools.partial(make_env, cfg.env, num_envs=cfg.num_envs,
-                                 seed=seed + worker * cfg.num_envs)
+                                 seed=seed + worker * cfg.num_envs, frame_skip=cfg.frame_skip)
                for worker in range(cfg.num_workers)]
     batches = math.ceil(total_frames / cfg.frames_per_batch)  # whole batches only
-    frames = dict(frames_per_batch=cfg.frames_per_batch,
-                  total_frames=batches * cfg.frames_per_batch)
+    transitions = cfg.frames_per_batch // cfg.frame_skip
+    frames = dict(frames_per_batch=transitions, total_frames=batches * transitions)
     kwargs = dict(auto_register_policy_transforms=False, **frames)
     if env is not None:  # one batched environment on the device: no copies, no processes
         collector = Collector(env, actor, device=cfg.device, track_traj_ids=False, **kwargs)
@@ -284,7 +297,8 @@ def load_actor(path: Path, env: EnvBase) -> tuple[ControlConfig, ProbabilisticAc
     cfg = ControlConfig(**{**{k: v for k, v in ckpt["config"].items() if k in names},
                            "device": "cpu"})
     actor, critic, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
-                                  env.action_spec.shape[-1])
+                                  env.action_spec.shape[-1], initial_scale=cfg.initial_scale,
+                                  state_independent_scale=cfg.state_independent_scale)
     make_loss(cfg, actor, critic)[0].load_state_dict(ckpt["loss"])  # the actor's parameters
     return cfg, actor
 
@@ -329,7 +343,7 @@ def ratio_stats_by_staleness(actor: ProbabilisticActor, stored: TensorDict, vers
 
 
 def try_record_video(env_name: str, actor: ProbabilisticActor, path: Path, seed: int,
-                     gl_problem: str | None) -> str:
+                     gl_problem: str | None, frame_skip: int = 1) -> str:
     """Saves a GIF of one deterministic episode at ``path`` and says where, or says why there
     is none: ``gl_problem`` (from :func:`torchrl_r2vpo.record.select_mujoco_gl`), or the
     renderer's error."""
@@ -337,7 +351,7 @@ def try_record_video(env_name: str, actor: ProbabilisticActor, path: Path, seed:
         return f"no video: MuJoCo cannot render offscreen here: {gl_problem}"
     try:
         with set_exploration_type(ExplorationType.DETERMINISTIC):
-            record_rollout_gif(env_name, actor, path, seed=seed)
+            record_rollout_gif(env_name, actor, path, seed=seed, frame_skip=frame_skip)
     except Exception as err:  # the renderer's own errors vary by OpenGL backend
         return f"no video: MuJoCo offscreen rendering failed ({type(err).__name__}: {err})"
     return f"video: {path}"
