@@ -5,6 +5,7 @@
     python examples/dmc_walker.py --env cheetah-run --frames 1000000 --dual adaptive
     python examples/dmc_walker.py --env HalfCheetah-v5    # any gymnasium id works too
     python examples/dmc_walker.py --reuse 2               # also train on the 2 previous batches
+    python examples/dmc_walker.py --env cartpole-swingup_sparse --frames 3000000 --frame-skip 4 --state-independent-scale
     python examples/dmc_walker.py --resume                # continue an interrupted run in --out
     python examples/dmc_walker.py --compile               # torch.compile the update step
     python examples/dmc_walker.py --env playground:WalkerWalk --device cuda   # MuJoCo Playground
@@ -19,10 +20,10 @@ device, and the defaults become those of Playground's tuned Brax PPO configurati
 
 Each iteration collects ``--frames-per-batch`` frames (simulator steps: with ``--frame-skip k``
 each action is repeated ``k`` times and the batch holds ``1/k`` as many transitions), tags them
-with the policy version that collected them, and trains ``--epochs`` passes of minibatches over this batch and the
-``--reuse`` previous ones, with GAE recomputed by the current critic before each pass. With
-``--reuse``, R2VPO constrains the ratio to the policy at the start of the update and weights
-stale data by pi_prox / pi_behaviour, truncated at ``--max-behaviour-weight``
+with the policy version that collected them, and trains ``--epochs`` passes of minibatches over
+this batch and the ``--reuse`` previous ones, with GAE recomputed by the current critic before
+each pass. With ``--reuse``, R2VPO constrains the ratio to the policy at the start of the update
+and weights stale data by pi_prox / pi_behaviour, truncated at ``--max-behaviour-weight``
 (``--ratio proximal``, the default), or constrains pi_theta / pi_behaviour (``--ratio
 behaviour``).
 
