@@ -45,6 +45,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -56,6 +57,7 @@ from torchrl.objectives.value import GAE
 from tqdm import tqdm
 
 from torchrl_r2vpo.envs import make_env
+from torchrl_r2vpo.modules import UpdateMeanNoise
 from torchrl_r2vpo.recipes.config import ControlConfig, parse
 from torchrl_r2vpo.recipes.control import (CURVE_FIELDS, action_log_probs, episode_returns,
                                            eval_seed, evaluate, load_optimizer_state, make_agent,
@@ -93,7 +95,10 @@ def main(cfg: ControlConfig) -> dict:
     act_dim = eval_env.action_spec.shape[-1]
     actor, critic, obs_norm = make_agent(eval_env, obs_dim, act_dim,
                                          initial_scale=cfg.initial_scale,
-                                         state_independent_scale=cfg.state_independent_scale)
+                                         state_independent_scale=cfg.state_independent_scale,
+                                         rpo_alpha=cfg.rpo_alpha)
+    # RPO's noise on the actor's mean, in the optimiser steps only
+    rpo = next((m for m in actor.modules() if isinstance(m, UpdateMeanNoise)), None)
     actor.to(device)
     critic.to(device)
     loss, scheduler = make_loss(cfg, actor, critic)
@@ -190,14 +195,15 @@ def main(cfg: ControlConfig) -> dict:
             if proximal_key is not None:  # log pi_prox, once per update, fresh and stale rows
                 stored.set(proximal_key, action_log_probs(actor, stored))
             metrics, skipped = [], 0
-            for batch in minibatch_epochs(stored, minibatches, cfg.epochs, prepare=gae):
-                out_td = update(batch)
-                if out_td is None:  # a non-finite loss or gradient: no step, no dual step
-                    skipped += 1
-                    continue
-                if scheduler is not None and not scheduler.fixed:
-                    scheduler.step(out_td)
-                metrics.append(out_td)
+            with rpo.active() if rpo is not None else contextlib.nullcontext():
+                for batch in minibatch_epochs(stored, minibatches, cfg.epochs, prepare=gae):
+                    out_td = update(batch)
+                    if out_td is None:  # a non-finite loss or gradient: no step, no dual step
+                        skipped += 1
+                        continue
+                    if scheduler is not None and not scheduler.fixed:
+                        scheduler.step(out_td)
+                    metrics.append(out_td)
             if device.type == "cuda":  # the time of the work, not of queueing it
                 torch.cuda.synchronize(device)
             update_s = time.perf_counter() - update_start  # GAE and the optimiser steps

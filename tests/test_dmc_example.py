@@ -338,10 +338,11 @@ def test_frame_skip_counts_simulator_steps_and_evaluates_with_the_same_repeat(tm
     """--frame-skip 4: batches of 1024 simulator steps are 256 transitions; the final
     evaluation and a reloaded checkpoint step the environments with the same repeat, and
     the 64-start benchmark evaluation reads it from the checkpoint (with the run's actor: a
-    state-independent scale here)."""
+    state-independent scale and RPO's noise here)."""
     result = run_example("--env", "cartpole-swingup", "--frame-skip", "4", "--frames", "2048",
                          "--eval-every", "100000", "--minibatch-size", "128",
-                         "--state-independent-scale", "--initial-scale", "2", "--out", str(tmp_path))
+                         "--state-independent-scale", "--initial-scale", "2", "--rpo-alpha", "0.5",
+                         "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_curve(tmp_path)
     assert [int(r["frames"]) for r in rows] == [1024, 2048]
@@ -350,7 +351,7 @@ def test_frame_skip_counts_simulator_steps_and_evaluates_with_the_same_repeat(tm
     assert counts and all(int(count) == 2 * 256 for count in counts)
     env = make_env("cartpole-swingup", num_envs=2, frame_skip=4)
     cfg, actor = control.load_actor(tmp_path / "checkpoint.pt", env)
-    assert cfg.frame_skip == 4 and cfg.state_independent_scale
+    assert cfg.frame_skip == 4 and cfg.state_independent_scale and cfg.rpo_alpha == 0.5
     env.set_seed(control.eval_seed(cfg, 2048))
     saved = torch.tensor([float(r["return"]) for r in read_final_eval(tmp_path)])
     torch.testing.assert_close(control.episode_returns(env, actor), saved)
@@ -380,6 +381,32 @@ def test_the_actor_explores_with_its_initial_scale(independent):
             "module.0.module.2.state_independent_scale"}
     else:  # softplus(x + b) of the network's output x, small at initialisation
         assert scale.std() > 0 and scale.mean().item() == pytest.approx(2.5, rel=0.15)
+
+
+def test_rpo_noise_perturbs_the_mean_only_inside_the_update():
+    """UpdateMeanNoise: the actor's log-probabilities are those of the plain actor outside
+    active() (collection, evaluation), and of a mean moved by at most alpha inside it, fresh
+    noise on each call."""
+    from torchrl_r2vpo.modules import UpdateMeanNoise
+
+    env = make_env("cartpole-balance", num_envs=8, seed=0)
+    torch.manual_seed(0)
+    plain, _, _ = control.make_agent(env, 5, 1)
+    torch.manual_seed(0)
+    actor, _, _ = control.make_agent(env, 5, 1, rpo_alpha=0.5)
+    noise = next(m for m in actor.modules() if isinstance(m, UpdateMeanNoise))
+    td = plain(env.reset())
+    torch.testing.assert_close(actor.get_dist(td).log_prob(td["action"]),
+                               plain.get_dist(td).log_prob(td["action"]))
+    with noise.active():
+        first, second = actor(td.clone())["loc"], actor(td.clone())["loc"]
+        assert not torch.equal(first, second)
+        assert ((first - td["loc"]).abs() <= 0.5).all() and (first != td["loc"]).all()
+    with pytest.raises(RuntimeError), noise.active():  # off again, whatever ends the block
+        raise RuntimeError
+    torch.testing.assert_close(actor(td.clone())["loc"], td["loc"])
+    with pytest.raises(ValueError, match="alpha must be >= 0"):
+        UpdateMeanNoise(-1)
 
 
 def test_compiled_step_is_static_and_its_optimiser_resumes_an_eager_one(monkeypatch):

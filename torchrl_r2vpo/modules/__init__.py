@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from torchrl_r2vpo.modules.exploration import UpdateMeanNoise
 from torchrl_r2vpo.modules.normalization import RunningObservationNorm
 
-__all__ = ["RunningObservationNorm"]
+__all__ = ["RunningObservationNorm", "UpdateMeanNoise"]

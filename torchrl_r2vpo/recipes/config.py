@@ -149,6 +149,9 @@ class ControlConfig:
     state_independent_scale: bool = False
     """the actor's scale is one learnt parameter per action dimension (CleanRL's and TorchRL's
     PPO), not a second output of its network"""
+    rpo_alpha: Coefficient = 0.0
+    """RPO: uniform noise U(-a, a) on the actor's mean (before the tanh) in the optimiser steps,
+    not in collection or evaluation (0: none)"""
     critic_coeff: Coefficient = 0.5
     """coefficient of the critic's L2 loss"""
     max_grad_norm: Positive = 0.5

@@ -40,7 +40,7 @@ from torchrl.objectives import ClipPPOLoss, PPOLoss
 
 from torchrl_r2vpo.data import staleness_stats
 from torchrl_r2vpo.envs import make_env
-from torchrl_r2vpo.modules import RunningObservationNorm
+from torchrl_r2vpo.modules import RunningObservationNorm, UpdateMeanNoise
 from torchrl_r2vpo.objectives import DualVariableScheduler, R2VPOLoss
 from torchrl_r2vpo.recipes.config import ControlConfig
 from torchrl_r2vpo.recipes.run_state import read_checkpoint
@@ -68,7 +68,7 @@ EVAL_SEED = 10_000_000
 
 
 def make_agent(env: EnvBase, obs_dim: int, act_dim: int, *, initial_scale: float = 1.0,
-               state_independent_scale: bool = False
+               state_independent_scale: bool = False, rpo_alpha: float = 0.0
                ) -> tuple[ProbabilisticActor, ValueOperator, RunningObservationNorm]:
     """A tanh-Gaussian actor and a value critic, MLPs of two hidden layers of 64 tanh units,
     sharing one observation normaliser (returned too: the training loop updates it).
@@ -79,7 +79,9 @@ def make_agent(env: EnvBase, obs_dim: int, act_dim: int, *, initial_scale: float
     (``softplus(x + b)``, ``b`` chosen so that ``x = 0`` gives ``initial_scale``), or with
     ``state_independent_scale`` one learnt parameter per action dimension, ``exp(s)`` with
     ``s = log(initial_scale)`` at first (TorchRL's ``AddStateIndependentNormalScale``, as in
-    CleanRL's and TorchRL's PPO).
+    CleanRL's and TorchRL's PPO). With ``rpo_alpha > 0`` the actor ends with an
+    :class:`~torchrl_r2vpo.modules.UpdateMeanNoise` (RPO), active only inside its ``active()``
+    block.
     """
     obs_norm = RunningObservationNorm(obs_dim)
     hidden = dict(num_cells=[64, 64], activation_class=nn.Tanh)
@@ -91,6 +93,8 @@ def make_agent(env: EnvBase, obs_dim: int, act_dim: int, *, initial_scale: float
         actor_net = nn.Sequential(obs_norm, MLP(obs_dim, 2 * act_dim, **hidden),
                                   NormalParamExtractor(f"biased_softplus_{initial_scale!r}",
                                                        scale_lb=1e-4))
+    if rpo_alpha > 0:
+        actor_net.append(UpdateMeanNoise(rpo_alpha))
     actor = ProbabilisticActor(
         TensorDictModule(actor_net, in_keys=["observation"], out_keys=["loc", "scale"]),
         in_keys=["loc", "scale"],
@@ -298,7 +302,8 @@ def load_actor(path: Path, env: EnvBase) -> tuple[ControlConfig, ProbabilisticAc
                            "device": "cpu"})
     actor, critic, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
                                   env.action_spec.shape[-1], initial_scale=cfg.initial_scale,
-                                  state_independent_scale=cfg.state_independent_scale)
+                                  state_independent_scale=cfg.state_independent_scale,
+                                  rpo_alpha=cfg.rpo_alpha)
     make_loss(cfg, actor, critic)[0].load_state_dict(ckpt["loss"])  # the actor's parameters
     return cfg, actor
 
