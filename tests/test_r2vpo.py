@@ -19,6 +19,7 @@ from torchrl.objectives import ClipPPOLoss, PPOLoss, SoftUpdate
 from torchrl.objectives.value import GAE
 
 from torchrl_r2vpo import DualVariableScheduler, R2VPOLoss
+from torchrl_r2vpo.modules import UpdateMeanNoise
 
 N_OBS, N_ACT = 4, 2
 
@@ -373,6 +374,64 @@ class TestTrustRegionLink:
             return loss, data, kl_fwd, kl_rev
 
         self._check(self._relative_errors(make_step))
+
+
+class TestMeanNoise:
+    """RPO's noise on the actor's mean (UpdateMeanNoise): the objective scores the perturbed
+    policy, the constraint the policy itself."""
+
+    def make(self):
+        torch.manual_seed(0)
+        noise = UpdateMeanNoise(0.5)
+        net = nn.Sequential(nn.Linear(N_OBS, 2 * N_ACT), NormalParamExtractor(), noise)
+        actor = ProbabilisticActor(
+            TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+            in_keys=["loc", "scale"], distribution_class=TanhNormal, return_log_prob=True)
+        data = make_data(actor)
+        perturb_(actor)
+        return actor, noise, data
+
+    def test_objective_perturbed_penalty_and_diagnostics_unperturbed(self):
+        actor, noise, data = self.make()
+        loss = R2VPOLoss(actor, entropy_bonus=False, lagrange_multiplier=2.0)
+        clean = loss(data)
+        torch.manual_seed(7)
+        with noise.active():
+            out = loss(data)
+        for key in ("ratio_var", "loss_ratio_var", "kl_approx", "ESS", "mean_ratio"):
+            torch.testing.assert_close(out[key], clean[key])
+        # the objective: the ratio of the policy whose mean took the same noise draw
+        torch.manual_seed(7)
+        with noise.active():
+            perturbed = ratio_of(loss, data)
+        expected = -(perturbed * data["advantage"].squeeze(-1)).mean()
+        torch.testing.assert_close(out["loss_objective"], expected)
+        assert (out["loss_objective"] - clean["loss_objective"]).abs() > 1e-3
+
+    def test_penalty_gradient_is_the_unperturbed_one(self):
+        actor, noise, data = self.make()
+        loss = R2VPOLoss(actor, entropy_bonus=False, lagrange_multiplier=2.0)
+
+        def penalty_grad():
+            actor.zero_grad()
+            loss(data)["loss_ratio_var"].backward()
+            return [p.grad.clone() for p in actor.parameters()]
+
+        clean = penalty_grad()
+        with noise.active():
+            noisy = penalty_grad()
+        for a, b in zip(noisy, clean):
+            torch.testing.assert_close(a, b)
+
+    def test_paused_restores_the_state(self):
+        noise = UpdateMeanNoise(0.5)
+        loc, scale = torch.zeros(4), torch.ones(4)
+        with noise.active():
+            with noise.paused():
+                assert not noise.is_active
+                assert noise((loc, scale))[0].eq(0).all()
+            assert noise.is_active and noise((loc, scale))[0].ne(0).any()
+        assert not noise.is_active and not UpdateMeanNoise(0.0).is_active
 
 
 class TestTorchRLConventions:

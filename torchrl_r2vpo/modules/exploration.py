@@ -21,6 +21,12 @@ class UpdateMeanNoise(nn.Module):
     the loss then favours a scale that keeps the sampled actions likely under nearby means,
     which keeps the policy's entropy from collapsing.
 
+    :class:`~torchrl_r2vpo.R2VPOLoss` finds an active one in its actor and takes its
+    objective from the perturbed policy but its ratio-variance constraint (and the ratio
+    diagnostics) from the unperturbed one (:meth:`paused`): the constraint then bounds how
+    far the policy moves, not the noise. TorchRL's ``ClipPPOLoss`` clips the perturbed
+    ratio, as RPO does.
+
     Args:
         alpha (float): half-width of the noise, in the units of ``loc`` (before a tanh).
 
@@ -54,10 +60,24 @@ class UpdateMeanNoise(nn.Module):
         finally:
             self._active = False
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Leaves the locations unperturbed inside the ``with`` block, active or not."""
+        active, self._active = self._active, False
+        try:
+            yield self
+        finally:
+            self._active = active
+
+    @property
+    def is_active(self) -> bool:
+        """Whether calls perturb the locations now."""
+        return self._active and self.alpha > 0
+
     def forward(self, params: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """``params``: ``(loc, scale)``; returns them, ``loc`` perturbed while active."""
         loc, scale = params
-        if self._active and self.alpha > 0:
+        if self.is_active:
             loc = loc + torch.empty_like(loc).uniform_(-self.alpha, self.alpha)
         return loc, scale

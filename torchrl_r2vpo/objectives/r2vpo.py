@@ -21,6 +21,7 @@ from torchrl_r2vpo._compat import (
     reduce_loss,
     sum_td_features,
 )
+from torchrl_r2vpo.modules.exploration import UpdateMeanNoise
 from torchrl_r2vpo.objectives.proximal import (
     behaviour_log_weight,
     check_max_behaviour_weight,
@@ -160,6 +161,13 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
     stored one, and ``max_importance_ratio`` caps ``w * r``; the key and
     ``delay_actor`` (a second proximal policy) are exclusive: the loss raises a
     ``ValueError`` when given both.
+
+    With RPO's noise on the actor's mean (an active
+    :class:`~torchrl_r2vpo.modules.UpdateMeanNoise` in the actor), the objective takes the
+    ratio of the perturbed policy and the constraint and diagnostics that of the policy
+    itself, from a second pass of the actor with the noise paused: the penalty bounds the
+    policy's step, not the injected noise (on the perturbed ratio it would, and pull the
+    scale up to absorb it).
 
     The input keys are TorchRL's (:meth:`~torchrl.objectives.LossModule.set_keys`:
     ``advantage``, ``value_target``, ``value``, ``sample_log_prob``, ``action``,
@@ -433,6 +441,27 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             )
         return log_weight, log_is_weight, -log_weight.detach(), proximal
 
+    def _log_weights(self, tensordict: TensorDictBase, adv_shape: torch.Size):
+        """``(log_weight, log_is_weight, kl_approx, proximal, dist)`` of the actor on
+        ``tensordict``: :func:`ppo_log_weight` (at least float32), then
+        :meth:`_decoupled_log_weight`."""
+        try:
+            log_weight, dist, kl_approx, log_is_weight = ppo_log_weight(
+                self, tensordict, adv_shape=adv_shape
+            )
+        except Exception as error:
+            self._raise_if_missing(
+                tensordict, self.actor_network.in_keys, "the actor reads them to score the "
+                f"stored action (tensor_keys.action {self.tensor_keys.action!r}).", error)
+            raise
+        # the ratio and its variance in float32 at least (bfloat16 ratios skew
+        # ratio_var, which the dual ascent reads)
+        log_weight = at_least_float32(log_weight)
+        if log_is_weight is not None:
+            log_is_weight = at_least_float32(log_is_weight)
+        return (*self._decoupled_log_weight(
+            tensordict, log_weight, log_is_weight, kl_approx, adv_shape=adv_shape), dist)
+
     def _critic_loss_inputs(self, target_return, state_value, old_state_value):
         # the critic's prediction, for the explained variance (with separate_losses,
         # loss_critic runs the critic on a copy of the input)
@@ -499,39 +528,43 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             self, advantage, tensordict, update_norm=update_norm
         )
 
-        try:
-            log_weight, dist, kl_approx, log_is_weight = ppo_log_weight(
-                self, tensordict, adv_shape=advantage.shape[:-1]
-            )
-        except Exception as error:
-            self._raise_if_missing(
-                tensordict, self.actor_network.in_keys, "the actor reads them to score the "
-                f"stored action (tensor_keys.action {self.tensor_keys.action!r}).", error)
-            raise
-        # the ratio and its variance in float32 at least (bfloat16 ratios skew
-        # ratio_var, which the dual ascent reads)
-        log_weight = at_least_float32(log_weight)
-        if log_is_weight is not None:
-            log_is_weight = at_least_float32(log_is_weight)
-        log_weight, log_is_weight, kl_approx, proximal = self._decoupled_log_weight(
-            tensordict, log_weight, log_is_weight, kl_approx, adv_shape=advantage.shape[:-1]
-        )
+        adv_shape = advantage.shape[:-1]
+        log_weight, log_is_weight, kl_approx, proximal, dist = self._log_weights(
+            tensordict, adv_shape)
+        # RPO's noise on the actor's mean: the objective scores the perturbed policy, the
+        # constraint and the diagnostics the policy itself
+        noise = next((m for m in self.actor_network.modules()
+                      if isinstance(m, UpdateMeanNoise) and m.is_active), None)
+        perturbed = None
+        if noise is not None:
+            perturbed = (log_weight, log_is_weight)
+            with noise.paused():
+                log_weight, log_is_weight, kl_approx, proximal, dist = self._log_weights(
+                    tensordict, adv_shape)
         advantage = broadcast_advantage_to_log_weight(advantage, log_weight)
         check_advantage_broadcast(advantage, log_weight)
         mask = input_validity_mask(self, tensordict, log_weight)
-        if mask is not None:
+
+        def masked(log_weight, log_is_weight):
+            if mask is None:
+                return log_weight, log_is_weight
             # padding stays out of the backward pass too (0 * inf would be NaN there)
-            log_weight = torch.where(mask, log_weight, 0)
-            if log_is_weight is not None:
-                log_is_weight = torch.where(mask, log_is_weight, 0)
+            return (torch.where(mask, log_weight, 0),
+                    None if log_is_weight is None else torch.where(mask, log_is_weight, 0))
+
         # the constraint acts on the proximal ratio (the behaviour ratio unless
         # delay_actor or the proximal key), uncapped; the objective on the (capped,
         # weighted) behaviour ratio
+        log_weight, log_is_weight = masked(log_weight, log_is_weight)
         ratio = log_weight.exp()
-        if log_is_weight is None:
+        objective_log_weight, objective_log_is_weight = (
+            (log_weight, log_is_weight) if perturbed is None else masked(*perturbed))
+        if perturbed is None and log_is_weight is None:
             behaviour_ratio = ratio
+        elif objective_log_is_weight is None:
+            behaviour_ratio = objective_log_weight.exp()
         else:
-            behaviour_ratio = (log_weight + log_is_weight).exp()
+            behaviour_ratio = (objective_log_weight + objective_log_is_weight).exp()
         if self.check_finite and not is_dynamo_compiling():
             self._check_finite(tensordict, log_weight, torch.stack([ratio, behaviour_ratio]),
                                advantage, mask, proximal)
