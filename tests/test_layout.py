@@ -19,7 +19,7 @@ LAYERS = {
     "_deprecation": set(),
     "modules": set(),
     "data": {"_compat"},
-    "objectives": {"_compat", "data"},
+    "objectives": {"_compat", "data", "modules"},
     "collectors": {"data"},
     "math_task": {"collectors", "data"},
     "envs": {"_compat", "data", "math_task"},
