@@ -14,13 +14,13 @@ Every (task, loss, seed) run is the example script with its own ``--out``
 directory under ``--out``; a run that was interrupted continues with
 ``--resume``, and a finished one is skipped, so the matrix can be completed over
 several sittings. The report is built from the result files present and written
-to ``<out>/summary.md`` and ``<out>/curves.png`` (``--sweep``: ``sweep.md``, for
-every task swept so far); ``--throughput`` and ``--workers`` measure anew each time
-and write ``throughput.{md,json}`` and ``workers.{md,json}``. ``--starts N`` runs
-the final checkpoint of every finished run (matrix and sweep) from the same N
-starting states per task, none of which training or its evaluations saw, keeps the
-returns in each run's ``final_starts.csv`` and writes ``starts.md`` and
-``starts.png``. Both losses share the example's networks, data path and
+to ``<out>/summary.md`` and ``<out>/curves.png`` (``--sweep``: ``sweep.md`` and
+``sweep.png``, for every task swept so far); ``--throughput`` and ``--workers``
+measure anew each time and write ``throughput.{md,json}`` and ``workers.{md,json}``.
+``--starts N`` runs the final checkpoint of every finished run (matrix and sweep)
+from the same N starting states per task, none of which training or its evaluations
+saw, keeps the returns in each run's ``final_starts.csv`` and writes ``starts.md``
+and ``starts.png``. Both losses share the example's networks, data path and
 hyperparameters; only the loss differs.
 """
 
@@ -65,6 +65,12 @@ def eval_points(curve: list[dict[str, float]]) -> tuple[np.ndarray, np.ndarray]:
 
 def trailing_mean(y: np.ndarray, window: int = 3) -> np.ndarray:
     return np.array([y[max(0, i + 1 - window):i + 1].mean() for i in range(len(y))])
+
+
+def stack(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Evaluation curves of several seeds, cut to the shortest: ``(frames, returns per run)``."""
+    length = min(len(c[0]) for c in curves)
+    return curves[0][0][:length], np.stack([c[1][:length] for c in curves])
 
 
 def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> str:
@@ -121,9 +127,7 @@ def summarize(out: Path, tasks: list[str], losses: list[str], frames: int) -> st
             entropy = np.array([run[-1]["entropy"] for run in runs])
             step_cells += [f"{v.mean():.4f} ± {v.std():.4f}" for v in (median_kl, high_kl)]
             step_cells.append(f"{entropy.mean():.2f} ± {entropy.std():.2f}")
-            length = min(len(c[0]) for c in curves)
-            x = curves[0][0][:length]
-            ys = np.stack([c[1][:length] for c in curves])
+            x, ys = stack(curves)
             mean_curves[loss] = (x, ys.mean(0))
             cells.append(f"{ys[:, -1].mean():.1f} ± {ys[:, -1].std():.1f} (n={len(curves)})")
             ax.plot(x, ys.mean(0), label=f"{loss} (n={len(curves)})")
@@ -176,6 +180,35 @@ def summarize_sweep(out: Path, task: str, frames: int) -> str:
                              f"{np.mean(last3):.1f} | {np.mean(variances):.4f} | "
                              f"{np.mean(kls):.4f} | {np.mean(lams):.3g} |")
     return "\n".join(lines)
+
+
+def plot_sweep(out: Path, tasks: list[str], frames: int) -> None:
+    """``sweep.png``: per swept task, the seed-mean evaluation curve of each setting (band:
+    min to max over seeds) beside the matrix columns run on the same ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        groups = [d for d in sorted((out / task).glob("*")) if d.is_dir()]
+        groups += sorted(d for d in (out / "sweep" / task).glob("*") if d.is_dir())
+        for group in groups:
+            curves = [eval_points(c) for c in map(run_curve, sorted(group.glob("seed*")))
+                      if c and c[-1]["frames"] >= frames]
+            curves = [c for c in curves if len(c[0])]
+            if curves:
+                x, ys = stack(curves)
+                ax.plot(x, ys.mean(0), label=f"{group.name} (n={len(curves)})")
+                ax.fill_between(x, ys.min(0), ys.max(0), alpha=0.15)
+        ax.set(title=task, xlabel="frames", ylabel="eval return")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=100)
+    plt.close(fig)
 
 
 # --- final policies from many starts -----------------------------------------------------
@@ -450,6 +483,7 @@ def main() -> None:
                         ["--env", task, "--seed", str(seed), *flags, *extra])
         swept = sorted(d.name for d in (args.out / "sweep").glob("*") if d.is_dir())
         sections += [summarize_sweep(args.out, t, args.frames) for t in swept]  # all in sweep.md
+        plot_sweep(args.out, swept, args.frames)
     else:
         # a column per loss, and per reuse K > 0 for R2VPO
         columns = {(f"{loss}-reuse{k}" if k else loss): ["--loss", loss, "--reuse", str(k)]

@@ -130,6 +130,7 @@ def test_sweep_report_lists_the_settings_present(tmp_path, monkeypatch):
     dmc.main()
     report = (tmp_path / "sweep.md").read_text()
     assert "Sensitivity on cheetah-run" in report and "Sensitivity on walker-walk" in report
+    assert (tmp_path / "sweep.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("evals, level, expected", [([1, 5, 9], 5, 2000.0), ([1, 2], 5, None)])
