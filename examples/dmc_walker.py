@@ -5,7 +5,7 @@
     python examples/dmc_walker.py --env cheetah-run --frames 1000000 --dual adaptive
     python examples/dmc_walker.py --env HalfCheetah-v5    # any gymnasium id works too
     python examples/dmc_walker.py --reuse 2               # also train on the 2 previous batches
-    python examples/dmc_walker.py --env cartpole-swingup_sparse --frames 3000000 --frame-skip 4 --state-independent-scale
+    python examples/dmc_walker.py --env cartpole-swingup_sparse --frames 3000000 --frame-skip 4 --state-independent-scale --frames-per-batch 16384 --dual adaptive
     python examples/dmc_walker.py --resume                # continue an interrupted run in --out
     python examples/dmc_walker.py --compile               # torch.compile the update step
     python examples/dmc_walker.py --env playground:WalkerWalk --device cuda   # MuJoCo Playground
