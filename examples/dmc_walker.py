@@ -56,6 +56,7 @@ from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDic
 from torchrl.objectives.value import GAE
 from tqdm import tqdm
 
+from torchrl_r2vpo.data import ZeroedLazyTensorStorage
 from torchrl_r2vpo.envs import make_env
 from torchrl_r2vpo.modules import UpdateMeanNoise
 from torchrl_r2vpo.recipes.config import ControlConfig, parse
@@ -106,7 +107,7 @@ def main(cfg: ControlConfig) -> dict:
     gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False,
               device=device)
     # the last K+1 collected batches, each tagged with the policy version that collected it
-    history = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.reuse + 1, device=device))
+    history = TensorDictReplayBuffer(storage=ZeroedLazyTensorStorage(cfg.reuse + 1, device=device))
     minibatches = TensorDictReplayBuffer(
         storage=LazyTensorStorage((cfg.reuse + 1) * cfg.frames_per_batch // cfg.frame_skip,
                                   device=device),

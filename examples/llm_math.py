@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from torchrl_r2vpo.collectors import collect_batch
 from torchrl_r2vpo.data import (ASSISTANT_MASK_KEY, group_advantages, PROXIMAL_LOG_PROBS_KEY,
-                                staleness_table)
+                                staleness_table, ZeroedLazyTensorStorage)
 from torchrl_r2vpo.math_task import load_math_lm
 from torchrl_r2vpo.objectives import merge_ratio_stats
 from torchrl_r2vpo.recipes.config import LLMConfig, parse
@@ -83,7 +83,7 @@ def main(cfg: LLMConfig) -> dict:
     sampler = LaggedPolicy(model, cfg.lag)  # the policy that samples, --lag updates behind
     # the last K+1 batches, each row tagged with the policy version that sampled it
     capacity = (cfg.reuse + 1) * cfg.num_prompts * cfg.group_size
-    history = TensorDictReplayBuffer(storage=LazyTensorStorage(capacity))
+    history = TensorDictReplayBuffer(storage=ZeroedLazyTensorStorage(capacity))
     minibatches = TensorDictReplayBuffer(storage=LazyTensorStorage(capacity),
                                          sampler=SamplerWithoutReplacement(drop_last=False),
                                          batch_size=cfg.minibatch_size)

@@ -1,5 +1,6 @@
 """Data layouts and statistics: the language-model sequence layout with its keys, group
-advantages, and ratio statistics of replayed data by staleness."""
+advantages, ratio statistics of replayed data by staleness, and a storage zeroed until
+written."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torchrl_r2vpo.data.llm import (
     RESPONSE_TOKENS_KEY,
     sequence_batch,
 )
+from torchrl_r2vpo.data.storage import ZeroedLazyTensorStorage
 from torchrl_r2vpo.data.staleness import (merge_staleness_sums, STALENESS_FIELDS, staleness_stats,
                                           staleness_sums, staleness_table)
 
@@ -26,6 +28,7 @@ __all__ = [
     "PROXIMAL_LOG_PROBS_KEY",
     "RESPONSE_TOKENS_KEY",
     "STALENESS_FIELDS",
+    "ZeroedLazyTensorStorage",
     "group_advantages",
     "merge_staleness_sums",
     "sequence_batch",
