@@ -296,6 +296,9 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
         self.ratio = ratio
         self.max_behaviour_weight = max_behaviour_weight
         self.weighted_variance = bool(weighted_variance)
+        # RPO's noise modules in the actor, found once (a tuple: not registered twice)
+        self._mean_noise = tuple(m for m in self.actor_network.modules()
+                                 if isinstance(m, UpdateMeanNoise))
 
     @property
     def out_keys(self):
@@ -533,8 +536,7 @@ class R2VPOLoss(LagrangianMixin, PPOLoss):
             tensordict, adv_shape)
         # RPO's noise on the actor's mean: the objective scores the perturbed policy, the
         # constraint and the diagnostics the policy itself
-        noise = next((m for m in self.actor_network.modules()
-                      if isinstance(m, UpdateMeanNoise) and m.is_active), None)
+        noise = next((m for m in self._mean_noise if m.is_active), None)
         perturbed = None
         if noise is not None:
             perturbed = (log_weight, log_is_weight)
