@@ -395,7 +395,8 @@ def workers(out: Path, task: str, counts: list[int], repeats: int = 1) -> str:
 def throughput(out: Path, tasks: list[str], frames: int) -> str:
     """Per task, in one run: the raw simulator in 2 processes (before and after, averaged),
     the example's collector alone, and its training loop (collection and updates), eager
-    and, on the first task, compiled."""
+    and, on the first task, compiled (``--compile``: the update step and the collectors'
+    policy)."""
     results = []
     for i, task in enumerate(tasks):
         raw_before = raw_rate(task, processes=2)

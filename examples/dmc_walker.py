@@ -52,13 +52,13 @@ import time
 from pathlib import Path
 
 import torch
-from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
+from torchrl.data import TensorDictReplayBuffer
 from torchrl.objectives.value import GAE
 from tqdm import tqdm
 
 from torchrl_r2vpo.data import ZeroedLazyTensorStorage
 from torchrl_r2vpo.envs import make_env
-from torchrl_r2vpo.modules import UpdateMeanNoise
+from torchrl_r2vpo.modules import RunningReturnNorm, UpdateMeanNoise
 from torchrl_r2vpo.recipes.config import ControlConfig, parse
 from torchrl_r2vpo.recipes.control import (CURVE_FIELDS, action_log_probs, episode_returns,
                                            eval_seed, evaluate, load_optimizer_state, make_agent,
@@ -106,12 +106,9 @@ def main(cfg: ControlConfig) -> dict:
     optimizer = make_optimizer(loss, cfg.lr, cfg.compile)
     gae = GAE(gamma=cfg.gamma, lmbda=cfg.gae_lambda, value_network=critic, average_gae=False,
               device=device)
+    reward_norm = RunningReturnNorm(cfg.gamma).to(device) if cfg.normalize_reward else None
     # the last K+1 collected batches, each tagged with the policy version that collected it
     history = TensorDictReplayBuffer(storage=ZeroedLazyTensorStorage(cfg.reuse + 1, device=device))
-    minibatches = TensorDictReplayBuffer(
-        storage=LazyTensorStorage((cfg.reuse + 1) * cfg.frames_per_batch // cfg.frame_skip,
-                                  device=device),
-        sampler=SamplerWithoutReplacement(drop_last=True), batch_size=cfg.minibatch_size)
 
     # --- resume -------------------------------------------------------------------------
     frames, version, logger_state = 0, 0, None
@@ -123,6 +120,10 @@ def main(cfg: ControlConfig) -> dict:
         if scheduler is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
         history.load_state_dict(ckpt["history"])
+        if reward_norm is not None:
+            if ckpt.get("reward_norm") is None:  # a checkpoint from before the setting
+                raise ValueError("--resume: the checkpoint has normalize_reward=False, not True")
+            reward_norm.load_state_dict(ckpt["reward_norm"])
         frames, version, logger_state = ckpt["frames"], ckpt["version"], ckpt["logger"]
         # a longer --frames continues the schedule from the checkpoint's learning rate
         saved = ckpt.get("lr_schedule", dict(value=cfg.lr, start=0, end=ckpt["config"]["frames"]))
@@ -142,7 +143,8 @@ def main(cfg: ControlConfig) -> dict:
                         lr_schedule=lr_schedule.state_dict(), loss=loss.state_dict(),
                         optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict() if scheduler is not None else None,
-                        history=history.state_dict(), logger=logger.state_dict())
+                        history=history.state_dict(), logger=logger.state_dict(),
+                        reward_norm=reward_norm.state_dict() if reward_norm is not None else None)
 
     def final_evaluation(frames: int) -> torch.Tensor:
         """The policy's return from each of --final-eval-episodes fresh starts (Playground:
@@ -190,6 +192,9 @@ def main(cfg: ControlConfig) -> dict:
             data.set("policy_version", torch.full(data.shape, version, device=data.device))
             if cfg.reward_scale != 1:  # the returns reported below stay unscaled
                 data.set(("next", "reward"), data["next", "reward"] * cfg.reward_scale)
+            if reward_norm is not None:  # the statistics include this batch's returns
+                reward_norm.update(data["next", "reward"], data["next", "done"])
+                data.set(("next", "reward"), reward_norm(data["next", "reward"]))
             update_start = time.perf_counter()
             history.extend(data.unsqueeze(0))
             stored = history[: len(history)]  # [K + 1, (workers,) envs, T]: GAE runs along T
@@ -197,7 +202,7 @@ def main(cfg: ControlConfig) -> dict:
                 stored.set(proximal_key, action_log_probs(actor, stored))
             metrics, skipped = [], 0
             with rpo.active() if rpo is not None else contextlib.nullcontext():
-                for batch in minibatch_epochs(stored, minibatches, cfg.epochs, prepare=gae):
+                for batch in minibatch_epochs(stored, cfg.minibatch_size, cfg.epochs, prepare=gae):
                     out_td = update(batch)
                     if out_td is None:  # a non-finite loss or gradient: no step, no dual step
                         skipped += 1

@@ -39,7 +39,7 @@ import torch
 if importlib.util.find_spec("transformers") is None:
     raise SystemExit("examples/llm_math.py needs transformers: pip install 'torchrl_r2vpo[llm]'.")
 
-from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
+from torchrl.data import TensorDictReplayBuffer
 from torchrl.modules.llm import TransformersWrapper
 from tqdm import tqdm
 
@@ -84,9 +84,6 @@ def main(cfg: LLMConfig) -> dict:
     # the last K+1 batches, each row tagged with the policy version that sampled it
     capacity = (cfg.reuse + 1) * cfg.num_prompts * cfg.group_size
     history = TensorDictReplayBuffer(storage=ZeroedLazyTensorStorage(capacity))
-    minibatches = TensorDictReplayBuffer(storage=LazyTensorStorage(capacity),
-                                         sampler=SamplerWithoutReplacement(drop_last=False),
-                                         batch_size=cfg.minibatch_size)
 
     # --- resume -------------------------------------------------------------------------
     rollouts, version, logger_state, initial = 0, 0, None, None
@@ -151,7 +148,8 @@ def main(cfg: LLMConfig) -> dict:
             # differ from 1 on the data it sampled (its log-probs were taken in eval mode)
             stored[PROXIMAL_LOG_PROBS_KEY] = sequence_log_probs(model, stored)
             metrics, skipped = [], 0
-            for minibatch in minibatch_epochs(stored, minibatches, cfg.epochs):
+            for minibatch in minibatch_epochs(stored, cfg.minibatch_size, cfg.epochs,
+                                              drop_last=False):
                 out_td = update(minibatch.to(cfg.device))
                 if out_td is None:  # a non-finite loss or gradient: no step, no dual step
                     skipped += 1

@@ -13,7 +13,7 @@ from torchrl.envs import (CatTensors, Compose, DoubleToFloat, GymEnv, GymWrapper
                           ParallelEnv, RewardSum, SerialEnv, StepCounter, TransformedEnv)
 
 from torchrl_r2vpo.envs import DMControlBatchEnv, FaultTolerantDMControlEnv, make_env, parse_env_name
-from torchrl_r2vpo.modules import RunningObservationNorm
+from torchrl_r2vpo.modules import RunningObservationNorm, RunningReturnNorm
 from torchrl_r2vpo.recipes.control import RecentReturns
 
 
@@ -239,6 +239,61 @@ class TestRunningObservationNorm:
         other.load_state_dict(norm.state_dict())
         torch.testing.assert_close(other.mean, norm.mean)
         assert other.count.item() == 10
+
+
+def discounted_returns(reward: torch.Tensor, done: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Each environment's return, step by step, restarted after each done step: [envs, T]."""
+    returns = torch.zeros_like(reward, dtype=torch.float64)
+    for env in range(reward.shape[0]):
+        g = 0.0
+        for t in range(reward.shape[1]):
+            g = gamma * g + reward[env, t].item()
+            returns[env, t] = g
+            g = 0.0 if done[env, t] else g
+    return returns
+
+
+class TestRunningReturnNorm:
+    def test_statistics_of_the_returns_carried_across_batches(self):
+        torch.manual_seed(0)
+        reward = torch.randn(3, 50)
+        done = torch.rand(3, 50) < 0.1
+        norm = RunningReturnNorm(gamma=0.9)
+        for part in (slice(0, 7), slice(7, 8), slice(8, 50)):  # one episode spans all three
+            norm.update(reward[:, part, None], done[:, part, None])
+        returns = discounted_returns(reward, done, 0.9)
+        assert norm.stats.count.item() == 150
+        torch.testing.assert_close(norm.stats.mean, returns.mean().reshape(1))
+        torch.testing.assert_close(norm.stats.var, returns.var(correction=0).reshape(1))
+        scaled = norm(reward)
+        torch.testing.assert_close(scaled, reward / returns.var(correction=0).sqrt().float())
+
+    def test_a_done_step_restarts_the_return(self):
+        norm = RunningReturnNorm(gamma=1.0)
+        reward = torch.ones(1, 4, 1)
+        norm.update(reward, torch.tensor([False, True, False, False]).reshape(1, 4, 1))
+        torch.testing.assert_close(norm.stats.mean, torch.tensor([1.5], dtype=torch.float64))
+        assert norm.returns.item() == 2.0  # carried to the next batch
+
+    def test_the_sign_is_kept_and_the_scaled_rewards_are_clipped(self):
+        norm = RunningReturnNorm(gamma=0.0, clip=3.0)  # the return is the reward
+        norm.update(torch.tensor([[[1.0], [-1.0]]]), torch.zeros(1, 2, 1, dtype=torch.bool))
+        assert norm(torch.tensor([0.5, -0.5, 7.0])).tolist() == [0.5, -0.5, 3.0]
+
+    def test_only_the_statistics_are_saved(self):
+        norm = RunningReturnNorm(gamma=0.99)
+        norm.update(torch.rand(2, 5, 1), torch.zeros(2, 5, 1, dtype=torch.bool))
+        assert set(norm.state_dict()) == {"stats.mean", "stats.var", "stats.count"}
+        other = RunningReturnNorm(gamma=0.99)
+        other.load_state_dict(norm.state_dict())
+        torch.testing.assert_close(other(torch.ones(3)), norm(torch.ones(3)))
+        assert other.returns is None  # a resumed run starts fresh episodes
+
+    def test_bad_shapes_and_gamma_are_refused(self):
+        with pytest.raises(ValueError, match=r"both be \[\*envs, T, 1\], got \(2, 5\) and \(2, 5\)"):
+            RunningReturnNorm(0.9).update(torch.ones(2, 5), torch.zeros(2, 5, dtype=torch.bool))
+        with pytest.raises(ValueError, match="gamma must be in"):
+            RunningReturnNorm(1.5)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The optimiser step of torchrl_r2vpo.recipes.update: a non-finite loss or gradient norm skips
-the step, and a few in a row stop training."""
+the step, and a few in a row stop training; and the minibatches of its epochs."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torch import nn
+from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
 
 from torchrl_r2vpo.recipes import update as update_module
-from torchrl_r2vpo.recipes.update import MAX_SKIPS, make_update, mean_metrics, NonFiniteUpdateError
+from torchrl_r2vpo.recipes.update import (MAX_SKIPS, make_update, mean_metrics, minibatch_epochs,
+                                          NonFiniteUpdateError)
 
 GOOD = TensorDict(target=torch.ones(2))
 NAN_LOSS = TensorDict(target=torch.full((2,), torch.nan))  # loss and gradient NaN
@@ -98,3 +100,38 @@ def test_max_skips_is_checked_and_can_be_one():
 
 def test_an_iteration_whose_steps_were_all_skipped_has_no_metrics():
     assert mean_metrics([]) == {}
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_minibatches_are_the_refilled_replay_buffers(drop_last):
+    stored = TensorDict(x=torch.arange(2 * 11).reshape(2, 11), batch_size=[2, 11])
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(22), batch_size=4,
+                                    sampler=SamplerWithoutReplacement(drop_last=drop_last))
+    torch.manual_seed(0)
+    expected = []
+    for _ in range(3):  # what minibatch_epochs replaced: the buffer refilled each pass
+        buffer.empty()
+        buffer.extend(stored.reshape(-1))
+        expected += [batch["x"] for batch in buffer]
+    after_buffer = torch.rand(())
+    torch.manual_seed(0)
+    passes = [batch["x"] for batch in minibatch_epochs(stored, 4, 3, drop_last=drop_last)]
+    assert [len(b) for b in passes] == ([4] * 5 if drop_last else [4] * 5 + [2]) * 3
+    assert len(passes) == len(expected)
+    for got, want in zip(passes, expected):  # row for row, in every pass
+        assert torch.equal(got, want)
+    assert torch.rand(()) == after_buffer  # and the generator is left where the buffer left it
+    for epoch in passes[:len(passes) // 3], passes[len(passes) // 3:2 * len(passes) // 3]:
+        seen = torch.cat(epoch)
+        assert len(seen.unique()) == len(seen) == (20 if drop_last else 22)  # no row twice
+    assert not torch.equal(passes[0], passes[len(passes) // 3])  # a new order each pass
+
+
+def test_prepare_runs_before_each_pass_without_gradients():
+    stored = TensorDict(x=torch.zeros(8), batch_size=[8])
+    grad_enabled = []
+    batches = minibatch_epochs(stored, 8, 3,
+                               prepare=lambda td: grad_enabled.append(torch.is_grad_enabled()))
+    assert len(list(batches)) == 3 and grad_enabled == [False] * 3
+    with pytest.raises(ValueError, match="minibatch_size must be >= 1, got 0"):
+        next(minibatch_epochs(stored, 0, 1))

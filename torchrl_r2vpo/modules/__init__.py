@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from torchrl_r2vpo.modules.exploration import UpdateMeanNoise
-from torchrl_r2vpo.modules.normalization import RunningObservationNorm
+from torchrl_r2vpo.modules.normalization import RunningObservationNorm, RunningReturnNorm
 
-__all__ = ["RunningObservationNorm", "UpdateMeanNoise"]
+__all__ = ["RunningObservationNorm", "RunningReturnNorm", "UpdateMeanNoise"]

@@ -1,11 +1,11 @@
-"""Observation normalisation inside the networks."""
+"""Observation normalisation inside the networks, and reward scaling by the return's spread."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-__all__ = ["RunningObservationNorm"]
+__all__ = ["RunningObservationNorm", "RunningReturnNorm"]
 
 
 class RunningObservationNorm(nn.Module):
@@ -67,3 +67,69 @@ class RunningObservationNorm(nn.Module):
         )
         self.mean.add_(delta * n / total)
         self.count.copy_(total)
+
+
+class RunningReturnNorm(nn.Module):
+    """Divides rewards by the running standard deviation of their discounted return.
+
+    The reward scaling of gymnasium's ``NormalizeReward`` wrapper, which CleanRL's continuous
+    PPO uses (Engstrom et al., 2020, "Implementation Matters in Deep Policy Gradients", ICLR):
+    each environment's discounted return :math:`G_t = \\gamma G_{t-1} (1 - d_{t-1}) + r_t`
+    (:math:`d` the done flag, so :math:`G` restarts with each episode) feeds running
+    statistics, and ``forward`` computes
+    :math:`\\mathrm{clamp}(r / \\sqrt{\\mathrm{Var}[G] + \\epsilon}, -c, c)`. The mean is
+    not subtracted: the sign of each reward is kept. While a sparse task pays nothing,
+    :math:`\\mathrm{Var}[G]` stays near 0 and the first rewards found are scaled up
+    (to at most ``clip``).
+
+    :meth:`update` takes a batch of consecutive steps, the time along the last batch
+    dimension, and carries each environment's :math:`G` to the next batch (the environments
+    must be the same, in the same order). The statistics are buffers (saved with
+    ``state_dict``); the carried returns are not: a resumed run starts fresh episodes.
+
+    Args:
+        gamma (float): the discount of :math:`G`, the agent's.
+
+    Keyword Args:
+        eps (float, optional): variance floor. Defaults to ``1e-8``.
+        clip (float, optional): bound on the scaled rewards. Defaults to ``10``.
+
+    Examples:
+        >>> norm = RunningReturnNorm(gamma=0.5)
+        >>> reward = torch.tensor([[[1.0], [1.0], [1.0]]])  # one environment, 3 steps
+        >>> norm.update(reward, torch.zeros_like(reward, dtype=torch.bool))
+        >>> norm.stats.mean  # of the returns 1, 1.5, 1.75
+        tensor([1.4167], dtype=torch.float64)
+        >>> norm(reward).squeeze()
+        tensor([3.2071, 3.2071, 3.2071])
+    """
+
+    def __init__(self, gamma: float, *, eps: float = 1e-8, clip: float = 10.0):
+        super().__init__()
+        if not 0 <= gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        self.gamma = gamma
+        self.stats = RunningObservationNorm(1, eps=eps)
+        self.clip = clip
+        self.returns: torch.Tensor | None = None  # [*envs, 1]: each environment's G so far
+
+    def forward(self, reward: torch.Tensor) -> torch.Tensor:
+        scale = (self.stats.var + self.stats.eps).sqrt().to(reward.dtype)
+        return (reward / scale).clamp(-self.clip, self.clip)
+
+    @torch.no_grad()
+    def update(self, reward: torch.Tensor, done: torch.Tensor) -> None:
+        """Merges the returns of a batch ``[*envs, T, 1]`` (``done`` alike) into the
+        statistics."""
+        if reward.shape != done.shape or reward.ndim < 2 or reward.shape[-1] != 1:
+            raise ValueError(f"reward and done must both be [*envs, T, 1], got "
+                             f"{tuple(reward.shape)} and {tuple(done.shape)}")
+        envs = reward.shape[:-2]
+        if self.returns is None or self.returns.shape[:-1] != envs:
+            self.returns = reward.new_zeros(*envs, 1, dtype=torch.float64)
+        returns, keep = [], done.logical_not().to(torch.float64)
+        for t in range(reward.shape[-2]):
+            self.returns = self.gamma * self.returns + reward[..., t, :].to(torch.float64)
+            returns.append(self.returns)
+            self.returns = self.returns * keep[..., t, :]  # a new episode after a done step
+        self.stats.update(torch.stack(returns))

@@ -117,7 +117,8 @@ class ControlConfig:
     device: str = "cpu"
     """where the networks and updates run: cpu, or cuda for playground: environments"""
     compile: bool = False
-    """torch.compile the update step (loss, backward, clipping); CUDA graphs on cuda"""
+    """torch.compile the update step (loss, backward, clipping; CUDA graphs on cuda) and the
+    policy of the CPU collectors"""
     num_envs: Count = 16
     """environments stepped together, per worker"""
     num_workers: Count = 2
@@ -142,6 +143,10 @@ class ControlConfig:
     """GAE's lambda"""
     reward_scale: Positive = 1.0
     """rewards are multiplied by this for the critic and GAE (the returns reported are not)"""
+    normalize_reward: bool = False
+    """rewards (after --reward-scale) are divided by the running standard deviation of their
+    discounted return and clipped to +-10, for the critic and GAE (gymnasium's NormalizeReward,
+    as in CleanRL's PPO; the returns reported are not)"""
     entropy_coeff: Coefficient = 0.0
     """coefficient of the entropy bonus"""
     initial_scale: Positive = 1.0

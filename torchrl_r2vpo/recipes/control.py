@@ -132,7 +132,9 @@ def make_loss(cfg: ControlConfig, actor: ProbabilisticActor, critic: ValueOperat
 
 
 def make_optimizer(loss: nn.Module, lr: float, compile: bool = False) -> torch.optim.Adam:
-    """Adam (``eps=1e-5``) over the loss's parameters.
+    """Adam (``eps=1e-5``) over the loss's parameters, fused on the CPU (one kernel for all
+    parameters: the per-parameter Python loop of the default step is most of its cost for
+    networks this small).
 
     Under ``compile`` the learning rate is a tensor on the parameters' device, so that
     annealing it (:func:`set_lr`) recompiles nothing; on CUDA the optimiser then keeps its step
@@ -142,7 +144,7 @@ def make_optimizer(loss: nn.Module, lr: float, compile: bool = False) -> torch.o
     device = next(loss.parameters()).device
     capturable = compile and device.type == "cuda"
     return torch.optim.Adam(loss.parameters(), lr=torch.tensor(lr, device=device) if compile else lr,
-                            eps=1e-5, capturable=capturable)
+                            eps=1e-5, capturable=capturable, fused=device.type == "cpu" or None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -156,10 +158,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Loads a checkpoint's optimiser state but keeps this optimiser's kind of step (its
-    learning rate, a tensor or not, and ``capturable``): the checkpoint's run may have
-    compiled or not. The learning rate is set from the run's schedule anyway."""
+    learning rate, a tensor or not, ``capturable``, ``fused`` and ``foreach``): the
+    checkpoint's run may have compiled or not, on another device. The learning rate is set from
+    the run's schedule anyway."""
+    kind = ("lr", "capturable", "fused", "foreach")
     state = {**state, "param_groups": [
-        {**saved, "lr": group["lr"], "capturable": group["capturable"]}
+        {**saved, **{key: group[key] for key in kind if key in group}}
         for saved, group in zip(state["param_groups"], optimizer.param_groups)]}
     optimizer.load_state_dict(state)
 
@@ -175,7 +179,8 @@ def make_collector(cfg: ControlConfig, actor: ProbabilisticActor, total_frames: 
     worker processes, or in Ray actors (``cfg.collector="ray"``, :data:`RAY_WORKER`). Built
     environments are seeded ``seed, seed + 1, ...`` across workers when they are made, before
     the collector's first reset; ``set_seed`` then also seeds each worker process's torch and
-    numpy generators: a run is reproducible from its seed.
+    numpy generators: a run is reproducible from its seed. With ``cfg.compile`` the collectors
+    on the CPU (in process or in worker processes) ``torch.compile`` their policy.
 
     Raises:
         ImportError: ``cfg.collector="ray"`` without ray installed.
@@ -187,6 +192,8 @@ def make_collector(cfg: ControlConfig, actor: ProbabilisticActor, total_frames: 
     transitions = cfg.frames_per_batch // cfg.frame_skip
     frames = dict(frames_per_batch=transitions, total_frames=batches * transitions)
     kwargs = dict(auto_register_policy_transforms=False, **frames)
+    # --compile: the CPU collectors compile their copy of the policy
+    compiled = dict(compile_policy=cfg.compile or None)
     if env is not None:  # one batched environment on the device: no copies, no processes
         collector = Collector(env, actor, device=cfg.device, track_traj_ids=False, **kwargs)
     elif cfg.num_workers > 1 and cfg.collector == "ray":  # Ray actors, on any machine of the cluster
@@ -198,9 +205,9 @@ def make_collector(cfg: ControlConfig, actor: ProbabilisticActor, total_frames: 
                                   collector_kwargs={"auto_register_policy_transforms": False}))
         collector.update_policy_weights_()  # connects the actors to this policy's weights
     elif cfg.num_workers > 1:  # each worker process steps its own batch of environments
-        collector = MultiSyncCollector(env_fns, actor, **kwargs)
+        collector = MultiSyncCollector(env_fns, actor, **kwargs, **compiled)
     else:
-        collector = Collector(env_fns[0](), actor, **kwargs)
+        collector = Collector(env_fns[0](), actor, **kwargs, **compiled)
     collector.set_seed(seed)
     return collector
 

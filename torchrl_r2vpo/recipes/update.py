@@ -2,7 +2,7 @@
 
 One training iteration of either example is::
 
-    for batch in minibatch_epochs(stored, minibatches, epochs, prepare=gae):
+    for batch in minibatch_epochs(stored, minibatch_size, epochs, prepare=gae):
         out = update(batch)           # loss, backward, gradient clipping, optimiser step
         if out is None:               # a non-finite loss or gradient: no step was taken
             skipped += 1
@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from tensordict import TensorDictBase
 from torch import nn
-from torchrl.data import TensorDictReplayBuffer
 
 from torchrl_r2vpo._compat import compile_with_warmup
 
@@ -167,22 +166,42 @@ def make_update(loss: nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm
     return update
 
 
-def minibatch_epochs(stored: TensorDictBase, minibatches: TensorDictReplayBuffer, epochs: int,
-                     prepare: Callable[[TensorDictBase], object] | None = None,
-                     ) -> Iterator[TensorDictBase]:
+def minibatch_epochs(stored: TensorDictBase, minibatch_size: int, epochs: int,
+                     prepare: Callable[[TensorDictBase], object] | None = None, *,
+                     drop_last: bool = True) -> Iterator[TensorDictBase]:
     """The minibatches of ``epochs`` passes over ``stored``, flattened, each pass in a new
-    random order (``minibatches`` is emptied and refilled, and samples them).
+    random order: the minibatches of TorchRL's ``SamplerWithoutReplacement`` over a replay
+    buffer refilled with ``stored`` each pass, row for row and drawing the same random numbers,
+    without the buffer's copy and per-sample bookkeeping.
 
     ``prepare(stored)`` runs without gradients before each pass: GAE, recomputed with the
-    current critic, stale batches included.
+    current critic, stale batches included. With ``drop_last`` the last ``len % minibatch_size``
+    rows of each pass's order are left out (every minibatch the same size), else the last
+    minibatch is smaller.
+
+    Examples:
+        >>> from tensordict import TensorDict
+        >>> stored = TensorDict(x=torch.arange(10).reshape(2, 5), batch_size=[2, 5])
+        >>> [len(b) for b in minibatch_epochs(stored, 4, 2)]
+        [4, 4, 4, 4]
+        >>> [len(b) for b in minibatch_epochs(stored, 4, 1, drop_last=False)]
+        [4, 4, 2]
     """
+    if minibatch_size < 1:
+        raise ValueError(f"minibatch_size must be >= 1, got {minibatch_size}")
     for _ in range(epochs):
         if prepare is not None:
             with torch.no_grad():
                 prepare(stored)
-        minibatches.empty()
-        minibatches.extend(stored.reshape(-1))
-        yield from minibatches
+        flat = stored.reshape(-1)
+        order = torch.randperm(len(flat), device=flat.device)
+        end = len(flat) - len(flat) % minibatch_size if drop_last else len(flat)
+        for start in range(0, end, minibatch_size):
+            if start + minibatch_size >= end:
+                # the sampler draws its next order with the last minibatch, which refilling the
+                # buffer discards: drawn here too, a seed's run stays the buffer's
+                torch.randperm(len(flat), device=flat.device)
+            yield flat[order[start:start + minibatch_size]]
 
 
 def mean_metrics(metrics: list[TensorDictBase]) -> dict[str, float]:
