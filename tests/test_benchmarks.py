@@ -353,3 +353,17 @@ def test_throughput_reports_collection_and_loop_against_the_raw_simulator(tmp_pa
     assert "| HalfCheetah-v5 | 20000 | 9000 | 45% | eager | 2400 | 12% | 0.50 s |" in text
     saved = json.loads((tmp_path / "throughput.json").read_text())["runs"]
     assert [r["task"] for r in saved] == ["walker-walk", "HalfCheetah-v5"]
+
+
+def test_sparse_exploration_reports_the_share_of_rewarded_first_episodes(tmp_path, monkeypatch):
+    probe = load("sparse_exploration")
+    # the dense swing-up pays something at every step: every episode counts
+    monkeypatch.setattr(sys, "argv", ["sparse_exploration.py", "--task", "cartpole-swingup",
+                                      "--seeds", "0", "--episodes", "2", "--settings", "8:1.0",
+                                      "--out", str(tmp_path)])
+    probe.main()
+    result = json.loads((tmp_path / "exploration.json").read_text())["results"]
+    assert [(r["frame_skip"], r["initial_scale"], r["share_rewarded"]) for r in result] == \
+        [(8, 1.0, [1.0])]
+    assert result[0]["mean_return"][0] > 0
+    assert "| 8 | 1.0 | 1.00 (" in (tmp_path / "exploration.md").read_text()
