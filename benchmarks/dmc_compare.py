@@ -335,15 +335,16 @@ def raw_rate(task: str, processes: int, steps: int = 20_000) -> float:
     return sum(rates)
 
 
-def collection_rate(task: str, num_workers: int, batches: int = 6) -> float:
-    """frames/s of the example's collector alone (no updates), first batch excluded."""
+def collection_rate(task: str, num_workers: int, batches: int = 6, compile: bool = False) -> float:
+    """frames/s of the example's collector alone (no updates), first batch excluded; with
+    ``compile``, the collectors' policy compiled (the example's ``--compile``)."""
     import torch
 
     os.environ.setdefault("MUJOCO_GL", "disable")  # no renderer needed
 
     from torchrl_r2vpo.recipes.control import make_agent, make_collector
 
-    cfg = ControlConfig(env=task, num_workers=num_workers)
+    cfg = ControlConfig(env=task, num_workers=num_workers, compile=compile)
     env = make_env(task)
     actor, _, _ = make_agent(env, env.observation_spec["observation"].shape[-1],
                              env.action_spec.shape[-1])
